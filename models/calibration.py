@@ -1,0 +1,188 @@
+"""Acceptance calibration: from a candidate's relevance score to p(accept), per kind.
+
+Fitted on held-out co-purchases: a model trained on the older orders proposes candidates for
+one item of each newer basket, and a candidate counts as accepted when the basket also holds
+it. Isotonic regression (scikit-learn) maps score to the observed acceptance rate; only its
+breakpoints are kept, as plain arrays in JSON (no pickle), and applied with ``np.interp``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import polars as pl
+from sklearn.isotonic import IsotonicRegression
+
+from models.candidates import HybridGenerator, user_row_for
+from models.interfaces import Kind
+from models.training import train
+from rules.errors import InputError
+
+CALIBRATION_FILE = "calibration.json"
+_MIN_POSITIVES = 20  # below this a kind borrows the pooled curve
+
+
+@dataclass(frozen=True)
+class Curve:
+    score: npt.NDArray[np.float64]  # increasing breakpoints
+    p_accept: npt.NDArray[np.float64]
+
+    def __call__(self, values: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        return np.interp(values, self.score, self.p_accept)
+
+
+@dataclass(frozen=True)
+class AcceptanceCalibration:
+    pooled: Curve
+    by_kind: dict[int, Curve]
+    holdout_baskets: int
+    base_rate: float  # share of proposed candidates that were bought
+
+    def predict(
+        self, score: npt.NDArray[np.float64], kind: npt.NDArray[np.int8]
+    ) -> npt.NDArray[np.float64]:
+        """p(accept) per candidate; a kind without its own curve uses the pooled one."""
+        result = self.pooled(score)
+        for kind_value, curve in self.by_kind.items():
+            of_kind = kind == kind_value
+            if of_kind.any():
+                result[of_kind] = curve(score[of_kind])
+        return result
+
+
+def fit_acceptance(
+    order_lines: pl.DataFrame,
+    *,
+    holdout_share: float = 0.2,
+    max_baskets: int = 5000,
+    candidates_per_basket: int = 50,
+    seed: int = 42,
+    factors: int = 64,
+    iterations: int = 15,
+) -> AcceptanceCalibration:
+    """Fit p(accept) on the newest ``holdout_share`` of orders (a temporal split)."""
+    if not 0 < holdout_share < 1:
+        raise InputError(f"holdout_share: must be between 0 and 1, got {holdout_share}")
+    orders = (
+        order_lines.group_by("order_id")
+        .agg(pl.col("ordered_at").min(), pl.col("sku").unique(), pl.col("customer_id").first())
+        .sort("ordered_at", "order_id")
+    )
+    cut = int(orders.height * (1 - holdout_share))
+    past_ids = orders.get_column("order_id").head(cut)
+    holdout = orders.slice(cut).filter(pl.col("sku").list.len() >= 2)
+    if holdout.is_empty():
+        raise InputError("orders: no held-out basket with two or more items to calibrate on")
+    if holdout.height > max_baskets:
+        holdout = holdout.sample(max_baskets, seed=seed)
+    model = train(
+        order_lines.filter(pl.col("order_id").is_in(past_ids.implode())),
+        factors=factors,
+        iterations=iterations,
+        seed=seed,
+    )
+    generator = HybridGenerator.from_artifacts(model)
+    row_of = {sku: row for row, sku in enumerate(model.item_skus)}
+    rng = np.random.default_rng(seed)
+
+    scores: list[npt.NDArray[np.float32]] = []
+    kinds: list[npt.NDArray[np.int8]] = []
+    labels: list[npt.NDArray[np.bool_]] = []
+    for skus, customer in zip(
+        holdout.get_column("sku").to_list(),
+        holdout.get_column("customer_id").to_list(),
+        strict=True,
+    ):
+        rows = np.array([row_of[sku] for sku in skus if sku in row_of], dtype=np.int32)
+        if len(rows) < 2:
+            continue
+        anchor = rows[rng.integers(len(rows))]
+        proposed = generator.generate(
+            anchors=np.array([anchor], dtype=np.int32),
+            user_row=user_row_for(model, customer),
+            count=candidates_per_basket,
+        )
+        scores.append(proposed.score)
+        kinds.append(proposed.kind)
+        labels.append(np.isin(proposed.item_idx, rows[rows != anchor]))
+    if not scores:
+        raise InputError("orders: no held-out basket has two items the model knows")
+    score = np.concatenate(scores).astype(np.float64)
+    kind = np.concatenate(kinds)
+    label = np.concatenate(labels).astype(np.float64)
+    by_kind = {
+        int(kind_value): _fit_curve(score[kind == kind_value], label[kind == kind_value])
+        for kind_value in np.unique(kind)
+        if label[kind == kind_value].sum() >= _MIN_POSITIVES
+    }
+    return AcceptanceCalibration(
+        pooled=_fit_curve(score, label),
+        by_kind=by_kind,
+        holdout_baskets=len(scores),
+        base_rate=float(label.mean()),
+    )
+
+
+def _fit_curve(score: npt.NDArray[np.float64], label: npt.NDArray[np.float64]) -> Curve:
+    isotonic = IsotonicRegression(y_min=0.0, y_max=1.0, increasing=True, out_of_bounds="clip")
+    isotonic.fit(score, label)
+    return Curve(
+        score=np.asarray(isotonic.X_thresholds_, dtype=np.float64),
+        p_accept=np.asarray(isotonic.y_thresholds_, dtype=np.float64),
+    )
+
+
+def save_calibration(calibration: AcceptanceCalibration, directory: Path) -> Path:
+    """Write ``calibration.json`` into an artifact version directory, atomically."""
+    document = {
+        "format": 1,
+        "holdout_baskets": calibration.holdout_baskets,
+        "base_rate": calibration.base_rate,
+        "pooled": _curve_json(calibration.pooled),
+        "by_kind": {Kind(k).wire: _curve_json(c) for k, c in calibration.by_kind.items()},
+    }
+    path = directory / CALIBRATION_FILE
+    with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp") as handle:
+        json.dump(document, handle)
+    os.replace(handle.name, path)
+    return path
+
+
+def load_calibration(directory: Path) -> AcceptanceCalibration | None:
+    """The calibration saved with a model, or None when the model has none."""
+    path = directory / CALIBRATION_FILE
+    if not path.exists():
+        return None
+    try:
+        document = json.loads(path.read_text("utf-8"))
+        kinds = {kind.wire: kind.value for kind in Kind}
+        return AcceptanceCalibration(
+            pooled=_curve_from(document["pooled"]),
+            by_kind={
+                kinds[name]: _curve_from(curve) for name, curve in document["by_kind"].items()
+            },
+            holdout_baskets=int(document["holdout_baskets"]),
+            base_rate=float(document["base_rate"]),
+        )
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"{path}: not a valid calibration file: {exc}") from exc
+
+
+def _curve_json(curve: Curve) -> dict[str, list[float]]:
+    return {"score": curve.score.tolist(), "p_accept": curve.p_accept.tolist()}
+
+
+def _curve_from(document: dict[str, list[float]]) -> Curve:
+    score = np.asarray(document["score"], dtype=np.float64)
+    p_accept = np.asarray(document["p_accept"], dtype=np.float64)
+    if score.shape != p_accept.shape or score.ndim != 1 or not score.size:
+        raise ValueError("score and p_accept must be equal, non-empty lists")
+    if np.any(np.diff(score) < 0) or np.any((p_accept < 0) | (p_accept > 1)):
+        raise ValueError("breakpoints must increase and probabilities lie in [0, 1]")
+    return Curve(score=score, p_accept=p_accept)

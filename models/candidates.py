@@ -1,0 +1,380 @@
+"""Candidate generators: item-item neighbours, ALS, popularity, and a hybrid of them.
+
+Each generator implements ``models.interfaces.CandidateGenerator``: model item indexes of the
+anchors (basket or PDP items) and an optional user row in, up to ``count`` candidates out,
+best first, scores in [0, 1]. Generators exclude nothing except what they must (item-item
+drops the anchors themselves); the rules layer filters later.
+
+Scores are made comparable across generators as follows:
+
+- item-item: summed neighbour scores over the anchors, divided by the best one, so the most
+  co-bought candidate is 1.0;
+- ALS: the raw dot product ``item_factors @ user_factors[row]`` clipped to [0, 1]. ALS fits
+  that product to a 0/1 preference, so it already lives on a relevance scale; clipping (rather
+  than min-max) keeps a weak profile's scores weak instead of stretching its best guess to 1;
+- popularity: share of orders divided by the most popular item's, so the top seller is 1.0.
+
+All work is vectorised over the candidates; no Python loop runs per catalog item. The costs
+per call are one fancy-index over the anchors' neighbour rows, one (n_items x factors) matrix
+-vector product for ALS, and a partition over n_items.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from models.interfaces import (
+    CandidateGenerator,
+    Candidates,
+    GenerationContext,
+    Kind,
+    ModelArtifacts,
+)
+
+IntArray = npt.NDArray[np.int32]
+FloatArray = npt.NDArray[np.float32]
+
+
+# -- id lookups --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ArtifactIndex:
+    """SKU -> model item index and customer id -> user row, built once per artifacts."""
+
+    item_rows: dict[str, int]
+    user_rows: dict[str, int]
+
+    @classmethod
+    def build(cls, artifacts: ModelArtifacts) -> ArtifactIndex:
+        return cls(
+            item_rows={sku: row for row, sku in enumerate(artifacts.item_skus)},
+            user_rows={user: row for row, user in enumerate(artifacts.user_ids)},
+        )
+
+
+# Keyed by id(artifacts) and holding only a weak reference: ModelArtifacts is unhashable (it
+# carries arrays and a dict) and must not be kept alive by a cache (its arrays may map files).
+_INDEXES: dict[int, tuple[weakref.ref[ModelArtifacts], ArtifactIndex]] = {}
+_INDEXES_LOCK = threading.Lock()
+
+
+def artifact_index(artifacts: ModelArtifacts) -> ArtifactIndex:
+    """The cached ``ArtifactIndex`` of these artifacts, built on first use."""
+    key = id(artifacts)
+    entry = _INDEXES.get(key)
+    if entry is not None and entry[0]() is artifacts:
+        return entry[1]
+    index = ArtifactIndex.build(artifacts)
+
+    def forget(reference: weakref.ref[ModelArtifacts]) -> None:
+        with _INDEXES_LOCK:
+            # The id may already belong to newer artifacts; only drop our own entry.
+            current = _INDEXES.get(key)
+            if current is not None and current[0] is reference:
+                del _INDEXES[key]
+
+    with _INDEXES_LOCK:
+        _INDEXES[key] = (weakref.ref(artifacts, forget), index)
+    return index
+
+
+def user_row_for(artifacts: ModelArtifacts, customer_id: str | None) -> int | None:
+    """The customer's row in ``user_factors``, or None for a guest or a customer unseen in
+    training."""
+    if customer_id is None:
+        return None
+    return artifact_index(artifacts).user_rows.get(customer_id)
+
+
+def item_rows_for(artifacts: ModelArtifacts, skus: Iterable[str]) -> tuple[IntArray, list[str]]:
+    """Model item indexes of the known SKUs (in the given order) and the SKUs the model does
+    not know (new items, or items never sold in the training window)."""
+    item_rows = artifact_index(artifacts).item_rows
+    rows: list[int] = []
+    unknown: list[str] = []
+    for sku in skus:
+        row = item_rows.get(sku)
+        if row is None:
+            unknown.append(sku)
+        else:
+            rows.append(row)
+    return np.asarray(rows, dtype=np.int32), unknown
+
+
+# -- generators --------------------------------------------------------------------------
+
+
+class ItemItemGenerator:
+    """Items co-bought with the anchors: their neighbour lists merged, scores summed."""
+
+    def __init__(self, artifacts: ModelArtifacts) -> None:
+        self.kind = Kind.CROSS_SELL
+        self._neighbours = artifacts.neighbours
+        self._neighbour_scores = artifacts.neighbour_scores
+        self._n_items = len(artifacts.item_skus)
+
+    def generate(
+        self,
+        *,
+        anchors: IntArray,
+        user_row: int | None,
+        count: int,
+        context: GenerationContext | None = None,
+    ) -> Candidates:
+        anchor_rows = _anchor_rows(anchors, self._n_items)
+        if count <= 0 or anchor_rows.size == 0:
+            return empty_candidates()
+        neighbour_idx = self._neighbours[anchor_rows].ravel()
+        neighbour_scores = self._neighbour_scores[anchor_rows].ravel()
+        # An item next to several anchors collects evidence from each of them: sort by item
+        # once, then sum each run of equal items.
+        items, totals = _sum_runs(neighbour_idx, neighbour_scores.astype(np.float64))
+        # Padding (-1) and the anchors themselves are not candidates: the customer has them.
+        keep = (items >= 0) & ~_contains_sorted(anchor_rows, items)
+        items, totals = items[keep], totals[keep]
+        if items.size == 0:
+            return empty_candidates()
+        best = _best_positions(totals, count)
+        return _candidates(items[best], _divide_by_max(totals[best]), self.kind)
+
+
+class AlsGenerator:
+    """Items the customer's ALS factors score highest; nothing for guests."""
+
+    def __init__(self, artifacts: ModelArtifacts) -> None:
+        self.kind = Kind.PERSONAL
+        self._user_factors = artifacts.user_factors
+        self._item_factors = artifacts.item_factors
+
+    def generate(
+        self,
+        *,
+        anchors: IntArray,
+        user_row: int | None,
+        count: int,
+        context: GenerationContext | None = None,
+    ) -> Candidates:
+        if user_row is None or count <= 0:
+            return empty_candidates()
+        n_users = self._user_factors.shape[0]
+        if not 0 <= user_row < n_users:
+            raise ValueError(f"user_row {user_row} out of range for {n_users} users")
+        scores = self._item_factors @ self._user_factors[user_row]
+        best = _best_positions(scores, count)
+        return _candidates(best, np.clip(scores[best], 0.0, 1.0), self.kind)
+
+
+class PopularityGenerator:
+    """The most ordered items overall: cold start and backfill."""
+
+    def __init__(self, artifacts: ModelArtifacts) -> None:
+        self.kind = Kind.POPULAR
+        popularity = np.asarray(artifacts.popularity, dtype=np.float32)
+        # Ranked once; a request only slices. Stable sort: equal shares in item index order.
+        order = np.argsort(-popularity, kind="stable").astype(np.int32)
+        ranked_scores = _divide_by_max(popularity[order])
+        kinds = np.full(order.shape[0], self.kind, dtype=np.int8)
+        for array in (order, ranked_scores, kinds):
+            array.setflags(write=False)  # slices are handed out; nobody may change the ranking
+        self._order = order
+        self._ranked_scores = ranked_scores
+        self._kinds = kinds
+
+    def generate(
+        self,
+        *,
+        anchors: IntArray,
+        user_row: int | None,
+        count: int,
+        context: GenerationContext | None = None,
+    ) -> Candidates:
+        count = max(count, 0)
+        return Candidates(
+            item_idx=self._order[:count],
+            score=self._ranked_scores[:count],
+            kind=self._kinds[:count],
+        )
+
+
+class HybridGenerator:
+    """Several generators merged into one ranked list by a weighted sum of their scores.
+
+    An item's score is ``sum(weight_g * score_g) / sum(weight_g)`` over the generators that
+    returned anything for this request. A weighted sum (rather than a max) rewards items that
+    several sources agree on, e.g. co-bought with the basket *and* liked by the customer;
+    dividing by the weights of the active sources keeps the result in [0, 1] and lets a
+    request with less evidence (no customer, say) still use the whole scale. An item's kind is
+    that of the generator contributing most to it (ties: the earlier generator).
+
+    One generator must be a popularity generator. It is the backfill: it always proposes
+    ``count`` items, so the merged list has ``count`` items whenever the catalog does, also
+    with no anchors and no customer. With a small weight its items rank below real evidence.
+    """
+
+    def __init__(self, generators: Sequence[CandidateGenerator], weights: Sequence[float]) -> None:
+        if not generators or len(generators) != len(weights):
+            raise ValueError("HybridGenerator needs one weight per generator, and at least one")
+        if not all(np.isfinite(weight) and weight > 0 for weight in weights):
+            raise ValueError(f"HybridGenerator weights must be finite and positive: {weights}")
+        if not any(generator.kind == Kind.POPULAR for generator in generators):
+            raise ValueError("HybridGenerator needs a popularity generator to backfill from")
+        self.kind = generators[0].kind  # nominal; each candidate carries its own kind
+        self._generators = tuple(generators)
+        self._weights = tuple(float(weight) for weight in weights)
+
+    @classmethod
+    def from_artifacts(
+        cls,
+        artifacts: ModelArtifacts,
+        *,
+        cross_sell_weight: float = 1.0,
+        personal_weight: float = 1.0,
+        popular_weight: float = 0.2,
+    ) -> HybridGenerator:
+        """Item-item, ALS and popularity over one set of artifacts, with the given weights."""
+        return cls(
+            (ItemItemGenerator(artifacts), AlsGenerator(artifacts), PopularityGenerator(artifacts)),
+            (cross_sell_weight, personal_weight, popular_weight),
+        )
+
+    def generate(
+        self,
+        *,
+        anchors: IntArray,
+        user_row: int | None,
+        count: int,
+        context: GenerationContext | None = None,
+    ) -> Candidates:
+        if count <= 0:
+            return empty_candidates()
+        parts = [
+            (
+                generator.generate(
+                    anchors=anchors, user_row=user_row, count=count, context=context
+                ),
+                weight,
+            )
+            for generator, weight in zip(self._generators, self._weights, strict=True)
+        ]
+        active = [(part, weight) for part, weight in parts if len(part) > 0]
+        if not active:
+            return empty_candidates()
+
+        item_idx = np.concatenate([part.item_idx for part, _ in active])
+        contribution = np.concatenate(
+            [part.score.astype(np.float64) * weight for part, weight in active]
+        )
+        kinds = np.concatenate([part.kind for part, _ in active])
+        source = np.repeat(np.arange(len(active)), [len(part) for part, _ in active])
+
+        # One sort groups the entries by item with the largest contribution first (ties: the
+        # earlier source), so each group's first entry names the item's kind.
+        order = np.lexsort((source, -contribution, item_idx))
+        starts = _run_starts(item_idx[order])
+        items = item_idx[order][starts]
+        totals = np.add.reduceat(contribution[order], starts) / sum(w for _, w in active)
+        item_kinds = kinds[order][starts]
+
+        best = _best_positions(totals, count)
+        return Candidates(
+            item_idx=items[best].astype(np.int32),
+            score=np.clip(totals[best], 0.0, 1.0).astype(np.float32),
+            kind=item_kinds[best].astype(np.int8),
+        )
+
+
+# -- helpers -----------------------------------------------------------------------------
+
+
+def empty_candidates() -> Candidates:
+    return Candidates(
+        item_idx=np.empty(0, dtype=np.int32),
+        score=np.empty(0, dtype=np.float32),
+        kind=np.empty(0, dtype=np.int8),
+    )
+
+
+def _candidates(
+    item_idx: npt.NDArray[np.integer], score: npt.NDArray[np.floating], kind: Kind
+) -> Candidates:
+    return Candidates(
+        item_idx=item_idx.astype(np.int32),
+        score=score.astype(np.float32),
+        kind=np.full(item_idx.shape[0], kind, dtype=np.int8),
+    )
+
+
+def _anchor_rows(anchors: npt.ArrayLike, n_items: int) -> npt.NDArray[np.int64]:
+    """Unique anchor indexes, sorted; a ValueError for one outside the model."""
+    rows = np.unique(np.asarray(anchors, dtype=np.int64).ravel())
+    if rows.size and (rows[0] < 0 or rows[-1] >= n_items):
+        raise ValueError(f"anchor item indexes must be in [0, {n_items}): got {rows.tolist()}")
+    return rows
+
+
+def _best_positions(scores: npt.NDArray[np.floating], count: int) -> npt.NDArray[np.intp]:
+    """Positions of the ``count`` highest scores, best first, ties broken by position.
+
+    Callers pass scores aligned with ascending item indexes, so ties go to the lower item
+    index. Short arrays are simply sorted; long ones (ALS over the whole catalog) are first
+    partitioned around the count-th largest score, in linear time, and only the chosen few
+    sorted.
+    """
+    size = scores.shape[0]
+    if size <= 4 * count:
+        return np.argsort(-scores, kind="stable")[:count]
+    kth = size - count
+    threshold = np.partition(scores, kth)[kth]  # the count-th largest score
+    above = np.flatnonzero(scores > threshold)
+    tied = np.flatnonzero(scores == threshold)[: count - above.size]
+    chosen = np.sort(np.concatenate((above, tied)))
+    return chosen[np.argsort(-scores[chosen], kind="stable")]
+
+
+def _run_starts(sorted_values: npt.NDArray[np.integer]) -> npt.NDArray[np.intp]:
+    """Where each run of equal values begins in a sorted, non-empty array."""
+    is_start = np.empty(sorted_values.shape[0], dtype=bool)
+    is_start[0] = True
+    np.not_equal(sorted_values[1:], sorted_values[:-1], out=is_start[1:])
+    return np.flatnonzero(is_start)
+
+
+def _sum_runs(
+    keys: npt.NDArray[np.integer], values: npt.NDArray[np.float64]
+) -> tuple[npt.NDArray[np.integer], npt.NDArray[np.float64]]:
+    """Unique keys (ascending) and the sum of the values of each; cheaper than np.unique with
+    return_inverse plus a bincount for the few hundred entries a request has."""
+    if keys.size == 0:
+        return keys, values
+    order = np.argsort(keys, kind="stable")
+    sorted_keys = keys[order]
+    starts = _run_starts(sorted_keys)
+    return sorted_keys[starts], np.add.reduceat(values[order], starts)
+
+
+def _contains_sorted(
+    needles: npt.NDArray[np.integer], haystack: npt.NDArray[np.integer]
+) -> npt.NDArray[np.bool_]:
+    """Mask over ``haystack`` (sorted, unique) of the entries found in ``needles`` (sorted);
+    two binary searches instead of np.isin's general machinery."""
+    found = np.zeros(haystack.shape[0], dtype=bool)
+    at = np.searchsorted(haystack, needles)
+    inside = at < haystack.shape[0]
+    at, needles = at[inside], needles[inside]
+    found[at[haystack[at] == needles]] = True
+    return found
+
+
+def _divide_by_max(scores: npt.NDArray[np.floating]) -> FloatArray:
+    top = float(scores.max()) if scores.size else 0.0
+    if top <= 0:
+        return np.zeros(scores.shape, dtype=np.float32)
+    normalised: FloatArray = np.clip(scores / top, 0.0, 1.0).astype(np.float32)
+    return normalised

@@ -1,0 +1,1 @@
+"""The data contract a retailer provides, and adapters that turn public datasets into it."""

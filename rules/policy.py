@@ -1,0 +1,207 @@
+"""The policy schema: margin floors, ranking knobs, restrictions, fulfilment and stock rules.
+
+Loaded from versioned YAML and validated whole by pydantic; its hash (over the validated
+content, so formatting does not change it) goes into every response and decision record.
+Scoped settings (floors, ranking knobs) resolve to the most specific match:
+category and channel > category > channel > neither.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from importlib import resources
+from pathlib import Path
+from typing import Literal, TypeVar
+
+import orjson
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from rules.errors import PolicyError
+
+Channel = Literal["cart", "pdp", "pos", "contact_center"]
+CHANNELS: tuple[Channel, ...] = ("cart", "pdp", "pos", "contact_center")
+Objective = Literal["margin", "sell_through", "revenue", "relevance"]
+
+
+class _Scoped(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    category: str | None = None
+    channel: Channel | None = None
+
+    @property
+    def specificity(self) -> int:
+        return (2 if self.category is not None else 0) + (1 if self.channel is not None else 0)
+
+
+Scoped = TypeVar("Scoped", bound=_Scoped)
+
+
+class MarginFloor(_Scoped):
+    """A floor on unit margin: at least ``absolute`` (currency units) and at least
+    ``percent`` of the effective price, after any incremental fulfilment cost."""
+
+    absolute: float = Field(default=0.0, ge=0)
+    percent: float = Field(default=0.0, ge=0, le=1)
+
+
+class RankingKnob(_Scoped):
+    """How far ranking leans from relevance towards the objective, in a bounded range.
+
+    ``margin_weight`` 0 ranks by relevance alone; 1 by the objective alone. Retailers and the
+    big platforms expose levels, not a switch, because pure margin-pushing erodes trust.
+    """
+
+    objective: Objective = "margin"
+    margin_weight: float = Field(default=0.0, ge=0, le=1)
+
+
+class RankingPolicy(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    knobs: tuple[RankingKnob, ...] = Field(default=(RankingKnob(),), min_length=1)
+    max_per_category: int = Field(
+        default=3, ge=1, le=50, description="Diversity cap; relaxed only to fill the list."
+    )
+    return_handling_cost: float = Field(
+        default=0.0, ge=0, description="Cost of handling one returned unit, beyond the margin lost."
+    )
+    low_stock_units: int = Field(
+        default=0, ge=0, description="Available plus inbound below this: low stock."
+    )
+    low_stock_factor: float = Field(
+        default=1.0, ge=0, le=1, description="Contribution multiplier for low stock."
+    )
+    overstock_units: int = Field(
+        default=0, ge=0, description="Available plus inbound at or above this: overstock (0: off)."
+    )
+    sell_through_boost: float = Field(
+        default=0.0, ge=0, le=0.5, description="Bounded boost to overstocked items' contribution."
+    )
+
+
+class Restrictions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    category_pairs: tuple[tuple[str, str], ...] = Field(
+        default=(), description="Categories never recommended with each other (both ways)."
+    )
+    age_verified_channels: tuple[Channel, ...] = Field(
+        default=("pos",),
+        description="Channels that verify age: only they show age-restricted items.",
+    )
+    excluded_brands: tuple[str, ...] = Field(default=(), description="Vendors never recommended.")
+
+
+class Fulfilment(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    pos_ships_from_region_dcs: bool = Field(
+        default=True,
+        description="POS may sell items flagged ship_to_home from the DCs of the store's region.",
+    )
+    charge_split_shipments: bool = Field(
+        default=True,
+        description="Charge a node's fulfillment_cost to a candidate that ships apart.",
+    )
+
+
+class StockPolicy(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_age_seconds: float | None = Field(
+        default=None, gt=0, description="ATP older than this is not trusted (None: no limit)."
+    )
+
+
+class Policy(BaseModel):
+    """A whole policy file."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1)
+    version: int = Field(ge=1)
+    margin_floors: tuple[MarginFloor, ...] = Field(min_length=1)
+    candidate_pool: int = Field(default=300, ge=10, le=5000)
+    max_candidate_pool: int = Field(default=1200, ge=10, le=20000)
+    default_quantity: int = Field(default=1, ge=1, le=1000)
+    ranking: RankingPolicy = RankingPolicy()
+    restrictions: Restrictions = Restrictions()
+    fulfilment: Fulfilment = Fulfilment()
+    stock: StockPolicy = StockPolicy()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Policy:
+        _one_default_per_scope("margin_floors", self.margin_floors)
+        _one_default_per_scope("ranking.knobs", self.ranking.knobs)
+        if self.max_candidate_pool < self.candidate_pool:
+            raise ValueError("max_candidate_pool: must be at least candidate_pool")
+        return self
+
+    @property
+    def content_hash(self) -> str:
+        canonical = orjson.dumps(self.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS)
+        return hashlib.sha256(canonical).hexdigest()[:16]
+
+    def floor_for(self, *, category: str, channel: Channel) -> MarginFloor:
+        """The most specific floor matching ``category`` on ``channel``."""
+        return _most_specific(self.margin_floors, category=category, channel=channel)
+
+    def knob_for(self, *, category: str, channel: Channel) -> RankingKnob:
+        """The most specific ranking knob matching ``category`` on ``channel``."""
+        return _most_specific(self.ranking.knobs, category=category, channel=channel)
+
+
+def _one_default_per_scope(name: str, entries: tuple[_Scoped, ...]) -> None:
+    seen: set[tuple[str | None, str | None]] = set()
+    for entry in entries:
+        scope = (entry.category, entry.channel)
+        if scope in seen:
+            raise ValueError(
+                f"{name}: two entries for category={entry.category!r}, channel={entry.channel!r}"
+            )
+        seen.add(scope)
+    if (None, None) not in seen:
+        raise ValueError(f"{name}: a default entry (no category, no channel) is required")
+
+
+def _most_specific(entries: tuple[Scoped, ...], *, category: str, channel: Channel) -> Scoped:
+    best: Scoped | None = None
+    for entry in entries:
+        if entry.category not in (None, category) or entry.channel not in (None, channel):
+            continue
+        if best is None or entry.specificity > best.specificity:
+            best = entry
+    assert best is not None  # the validator guarantees a default entry
+    return best
+
+
+def parse_policy(text: str, *, source: str) -> Policy:
+    """Validate policy YAML; PolicyError names ``source`` and every bad field."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise PolicyError(f"{source}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise PolicyError(f"{source}: a policy is a YAML mapping, got {type(raw).__name__}")
+    try:
+        return Policy.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in error['loc']) or '(top level)'}: {error['msg']}"
+            for error in exc.errors()
+        )
+        raise PolicyError(f"{source}: invalid policy: {problems}") from exc
+
+
+def load_policy(path: Path | None = None) -> Policy:
+    """Load a policy file, or the packaged default policy when ``path`` is None."""
+    if path is None:
+        text = resources.files("rules").joinpath("policies/default.yaml").read_text("utf-8")
+        return parse_policy(text, source="rules/policies/default.yaml")
+    try:
+        text = path.read_text("utf-8")
+    except OSError as exc:
+        raise PolicyError(f"{path}: cannot read policy file: {exc.strerror}") from exc
+    return parse_policy(text, source=str(path))

@@ -1,0 +1,1 @@
+"""HTTP routes, wire schemas, dependencies and the mapping of errors to problems."""

@@ -1,0 +1,138 @@
+"""HTTP routes: recommendations, health and readiness."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+
+from service.api.schemas import (
+    DroppedOut,
+    HealthResponse,
+    ItemTraceOut,
+    Problem,
+    ReadinessResponse,
+    RecommendationRequest,
+    RecommendationResponse,
+    RecommendedItemOut,
+    ScorePartsOut,
+    TraceOut,
+    VersionsOut,
+)
+from service.pipeline import BasketLine, Recommendation, RecommendationQuery, Recommender
+from service.request_id import current_request_id
+from service.runtime import Runtime
+
+
+def get_runtime(request: Request) -> Runtime:
+    runtime: Runtime = request.app.state.runtime
+    return runtime
+
+
+def get_recommender(runtime: Annotated[Runtime, Depends(get_runtime)]) -> Recommender:
+    return runtime.require_recommender()
+
+
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+RecommenderDep = Annotated[Recommender, Depends(get_recommender)]
+
+router = APIRouter()
+
+_PROBLEMS: dict[int | str, dict[str, object]] = {
+    422: {"model": Problem, "description": "Invalid request; `errors` names each field."},
+    503: {"model": Problem, "description": "No snapshot or model yet, or the store is down."},
+}
+
+
+@router.post(
+    "/v1/recommendations",
+    response_model=RecommendationResponse,
+    responses=_PROBLEMS,
+    tags=["recommendations"],
+)
+async def recommend(
+    body: RecommendationRequest, recommender: RecommenderDep
+) -> RecommendationResponse:
+    """Upsell and cross-sell items for a basket or product page, under every constraint."""
+    query = RecommendationQuery(
+        request_id=current_request_id() or "",
+        channel=body.channel,
+        basket=tuple(BasketLine(sku=line.sku, quantity=line.quantity) for line in body.basket),
+        pdp_sku=body.sku,
+        customer_id=body.customer_id,
+        consent=body.consent,
+        store_id=body.store_id,
+        region=body.region,
+        limit=body.limit,
+        quantity=body.quantity,
+        locale=body.locale,
+        debug=body.debug,
+    )
+    return to_response(await recommender.recommend(query), debug=body.debug)
+
+
+def to_response(result: Recommendation, *, debug: bool) -> RecommendationResponse:
+    trace = (
+        TraceOut(
+            candidates_considered=result.candidates_considered,
+            dropped_by_rule=result.dropped_by_rule,
+            dropped=[
+                DroppedOut(sku=entry.sku, kind=entry.kind, rule=entry.rule)
+                for entry in result.dropped
+            ],
+            shown=[
+                ItemTraceOut(sku=item.sku, score_parts=ScorePartsOut(**item.score_parts.__dict__))
+                for item in result.items
+            ],
+        )
+        if debug
+        else None
+    )
+    return RecommendationResponse(
+        request_id=result.request_id,
+        channel=result.channel,
+        items=[
+            RecommendedItemOut(
+                sku=item.sku,
+                name=item.name,
+                kind=item.kind,
+                score=item.score,
+                unit_price=item.unit_price,
+                unit_margin=item.unit_margin,
+                fulfillment_node=item.fulfillment_node,
+                reason_codes=list(item.reason_codes),
+                explanation=item.explanation,
+                explanation_source=item.explanation_source,
+            )
+            for item in result.items
+        ],
+        unknown_skus=list(result.unknown_skus),
+        degraded=list(result.degraded),
+        versions=VersionsOut(
+            model=result.versions.model,
+            snapshot=result.versions.snapshot,
+            policy=result.versions.policy,
+        ),
+        trace=trace,
+    )
+
+
+@router.get("/healthz", response_model=HealthResponse, tags=["operations"])
+async def healthz() -> HealthResponse:
+    """The process is up (liveness)."""
+    return HealthResponse(status="ok")
+
+
+@router.get(
+    "/readyz",
+    response_model=ReadinessResponse,
+    responses={503: {"model": ReadinessResponse, "description": "Not ready; see checks."}},
+    tags=["operations"],
+)
+async def readyz(runtime: RuntimeDep) -> JSONResponse:
+    """Ready to serve: store reachable, model loaded, a snapshot mirrored."""
+    checks = await runtime.readiness()
+    ready = all(value == "ok" for value in checks.values())
+    body = ReadinessResponse(ready=ready, checks=checks)
+    return JSONResponse(body.model_dump(), status_code=200 if ready else 503)

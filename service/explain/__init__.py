@@ -1,0 +1,1 @@
+"""Explanations of recommended items: templates now; LLM text, cache and queue later."""

@@ -1,0 +1,557 @@
+"""The request path, the only code that knows the order of the stages:
+request -> candidates -> constraints -> ranking -> explanation -> response.
+
+Constraints run in two stages around one pipelined stock read: rules over the mirrored item
+master first, then stock rules for the survivors (and the basket, to know which nodes already
+ship it). When strict rules leave the list short, deeper candidates are fetched and judged
+the same way, up to the policy's ``max_candidate_pool``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Literal
+
+import numpy as np
+import numpy.typing as npt
+import structlog
+
+from models.calibration import AcceptanceCalibration
+from models.interfaces import CandidateGenerator, Candidates, Kind, ModelArtifacts
+from rules.constraints import (
+    KEPT,
+    MASTER_CONSTRAINTS,
+    STOCK_CONSTRAINTS,
+    CandidateFacts,
+    RequestFacts,
+    apply_constraints,
+    available_units,
+    with_fulfilment,
+)
+from rules.eligibility import EligibleNodes, eligible_nodes
+from rules.errors import StoreError
+from rules.policy import Channel
+from rules.ranking import RankingInputs, ScoreParts, rank, score
+from rules.reasons import DropReason, ShowReason
+from rules.staleness import epoch_us, fresh_stock_mask
+from service.explain.templates import template_explanation
+from service.mirror import ServingSnapshot, SnapshotMirror
+from service.store.base import SnapshotStore
+
+log = structlog.get_logger(__name__)
+
+IntArray = npt.NDArray[np.int64]
+ExplanationSource = Literal["template", "cache", "llm"]
+
+_LEAD_REASON_BY_KIND: dict[Kind, ShowReason] = {
+    Kind.CROSS_SELL: ShowReason.BOUGHT_TOGETHER,
+    Kind.PERSONAL: ShowReason.MATCHES_HISTORY,
+    Kind.POPULAR: ShowReason.POPULAR,
+}
+# Kinds proposed from the customer's own purchase history: shown only with consent.
+_HISTORY_KINDS = np.array([Kind.PERSONAL.value], dtype=np.int8)
+
+
+@dataclass(frozen=True)
+class BasketLine:
+    sku: str
+    quantity: int
+
+
+@dataclass(frozen=True)
+class RecommendationQuery:
+    """A validated request, in domain terms (the wire schema lives in ``service.api``)."""
+
+    request_id: str
+    channel: Channel
+    basket: tuple[BasketLine, ...] = ()
+    pdp_sku: str | None = None
+    customer_id: str | None = None
+    consent: bool = False
+    store_id: str | None = None
+    region: str | None = None
+    limit: int = 5
+    quantity: int | None = None  # units of a recommended item; None = the policy's default
+    locale: str = "en"
+    debug: bool = False
+
+
+@dataclass(frozen=True)
+class ScoreTrace:
+    relevance: float
+    p_accept: float
+    unit_margin: float
+    return_cost: float
+    fulfilment_cost: float
+    contribution: float
+    margin_weight: float
+    final: float
+
+
+@dataclass(frozen=True)
+class RecommendedItem:
+    sku: str
+    name: str
+    kind: str
+    score: float
+    unit_price: float
+    unit_margin: float
+    fulfillment_node: str
+    reason_codes: tuple[str, ...]
+    explanation: str
+    explanation_source: ExplanationSource
+    score_parts: ScoreTrace
+
+
+@dataclass(frozen=True)
+class DroppedCandidate:
+    sku: str
+    kind: str
+    rule: str
+
+
+@dataclass(frozen=True)
+class Versions:
+    model: str
+    snapshot: str
+    policy: str
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    request_id: str
+    channel: Channel
+    items: tuple[RecommendedItem, ...]
+    unknown_skus: tuple[str, ...]
+    degraded: tuple[str, ...]
+    versions: Versions
+    candidates_considered: int
+    dropped_by_rule: dict[str, int] = field(default_factory=dict)
+    dropped: tuple[DroppedCandidate, ...] = ()
+
+
+@dataclass(frozen=True, eq=False)
+class _Judged:
+    """Candidates of one round after both rule stages (parallel arrays)."""
+
+    item_idx: npt.NDArray[np.int32]  # model rows
+    kind: npt.NDArray[np.int8]
+    relevance: npt.NDArray[np.float64]
+    catalog_pos: IntArray
+    drop_reason: npt.NDArray[np.int8]
+    facts: CandidateFacts  # of every candidate; stock columns filled for stock-stage rows
+    node_column: IntArray  # -1 where no eligible node covers the quantity
+
+
+class Recommender:
+    """Runs the stages for one query against the current mirror, store and model."""
+
+    def __init__(
+        self,
+        *,
+        mirror: SnapshotMirror,
+        store: SnapshotStore,
+        artifacts: ModelArtifacts,
+        generator: CandidateGenerator,
+        calibration: AcceptanceCalibration | None = None,
+    ) -> None:
+        self._mirror = mirror
+        self._calibration = calibration
+        self._store = store
+        self._artifacts = artifacts
+        self._generator = generator
+        self._user_row = {customer: row for row, customer in enumerate(artifacts.user_ids)}
+
+    async def recommend(
+        self, query: RecommendationQuery, *, now: datetime | None = None
+    ) -> Recommendation:
+        now = now or datetime.now(UTC).replace(tzinfo=None)
+        serving = await self._mirror.current()
+        catalog, compiled = serving.catalog, serving.policy
+        policy = compiled.policy
+        quantity = query.quantity or policy.default_quantity
+        degraded: list[str] = []
+
+        # Request: resolve SKUs and nodes. Unknown SKUs are reported, never fatal.
+        asked_skus = [line.sku for line in query.basket]
+        asked_quantity = [line.quantity for line in query.basket]
+        if query.pdp_sku is not None:
+            asked_skus.append(query.pdp_sku)
+            asked_quantity.append(1)
+        asked_pos = catalog.positions(asked_skus)
+        unknown_skus = tuple(
+            dict.fromkeys(sku for sku, pos in zip(asked_skus, asked_pos, strict=True) if pos < 0)
+        )
+        known_asked = asked_pos >= 0
+        excluded_pos = asked_pos[known_asked]
+        nodes = eligible_nodes(
+            serving.nodes,
+            channel=query.channel,
+            store_id=query.store_id,
+            region=query.region,
+            policy=policy,
+        )
+        degraded.extend(nodes.notes)
+
+        # Which eligible nodes already ship the basket: read with the first candidates' stock.
+        basket_quantity = np.asarray(asked_quantity, dtype=np.int64)[known_asked]
+        model_rows = serving.catalog_to_model[excluded_pos]
+        anchors = model_rows[model_rows >= 0].astype(np.int32)
+        user_row = (
+            self._user_row.get(query.customer_id)
+            if query.consent and query.customer_id is not None
+            else None
+        )
+        request = RequestFacts(
+            channel=query.channel,
+            excluded_pos=excluded_pos,
+            basket_category_codes=catalog.category_code[excluded_pos].astype(np.int64),
+            quantity=quantity,
+            now=now,
+            consent=query.consent,
+            node_cost=nodes.shipment_cost,
+            basket_node=np.zeros(len(nodes.positions), dtype=np.bool_),
+        )
+
+        rounds: list[_Judged] = []
+        seen: IntArray = np.empty(0, dtype=np.int64)
+        pool = policy.candidate_pool
+        while True:
+            candidates = self._generator.generate(anchors=anchors, user_row=user_row, count=pool)
+            fresh = ~np.isin(candidates.item_idx, seen)
+            seen = candidates.item_idx.astype(np.int64)
+            judged, request = await self._judge(
+                serving,
+                _subset(candidates, fresh),
+                request=request,
+                nodes=nodes,
+                basket_pos=excluded_pos if not rounds else None,
+                basket_quantity=basket_quantity,
+                degraded=degraded,
+            )
+            rounds.append(judged)
+            kept_so_far = sum(int((r.drop_reason == KEPT).sum()) for r in rounds)
+            exhausted = len(candidates) < pool or pool >= policy.max_candidate_pool
+            if kept_so_far >= query.limit or exhausted:
+                break
+            pool = min(pool * 4, policy.max_candidate_pool)
+
+        all_judged = _concatenate(rounds)
+        kept = np.flatnonzero(all_judged.drop_reason == KEPT)
+        parts, p_accept, order = self._rank(serving, all_judged, kept, query)
+
+        # Explanation and response.
+        anchor_name = self._anchor_name(serving, excluded_pos)
+        shown = kept[order]
+        shown_pos = all_judged.catalog_pos[shown]
+        on_promotion = catalog.on_promotion(shown_pos, now=now)
+        items = []
+        for rank_index, row in enumerate(shown):
+            pos = int(all_judged.catalog_pos[row])
+            column = int(all_judged.node_column[row])
+            kind = Kind(int(all_judged.kind[row]))
+            reasons = [_LEAD_REASON_BY_KIND[kind]]
+            reasons.append(
+                ShowReason.IN_STOCK_AT_STORE
+                if nodes.take_home[column]
+                else ShowReason.IN_STOCK_TO_SHIP
+            )
+            if on_promotion[rank_index]:
+                reasons.append(ShowReason.ON_PROMOTION)
+            reasons.append(ShowReason.MARGIN_FLOOR_MET)
+            at = order[rank_index]
+            items.append(
+                RecommendedItem(
+                    sku=catalog.skus[pos],
+                    name=catalog.names[pos],
+                    kind=kind.wire,
+                    score=round(float(parts.final[at]), 6),
+                    unit_price=round(float(all_judged.facts.effective_price[row]), 4),
+                    unit_margin=round(float(all_judged.facts.unit_margin[row]), 4),
+                    fulfillment_node=serving.nodes.node_ids[int(nodes.positions[column])],
+                    reason_codes=tuple(reason.value for reason in reasons),
+                    explanation=template_explanation(reasons, anchor_name=anchor_name),
+                    explanation_source="template",
+                    score_parts=ScoreTrace(
+                        relevance=round(float(all_judged.relevance[row]), 6),
+                        p_accept=round(float(p_accept[at]), 6),
+                        unit_margin=round(float(all_judged.facts.unit_margin[row]), 4),
+                        return_cost=round(float(parts.return_cost[at]), 4),
+                        fulfilment_cost=round(float(all_judged.facts.fulfilment_cost[row]), 4),
+                        contribution=round(float(parts.contribution[at]), 6),
+                        margin_weight=float(parts.margin_weight[at]),
+                        final=round(float(parts.final[at]), 6),
+                    ),
+                )
+            )
+
+        dropped_rows = np.flatnonzero(all_judged.drop_reason != KEPT)
+        dropped = tuple(
+            DroppedCandidate(
+                sku=self._sku_of(serving, int(all_judged.item_idx[row])),
+                kind=Kind(int(all_judged.kind[row])).wire,
+                rule=DropReason(int(all_judged.drop_reason[row])).code,
+            )
+            for row in dropped_rows
+        )
+        dropped_by_rule = {
+            reason.code: int(count)
+            for reason in DropReason
+            if (count := np.count_nonzero(all_judged.drop_reason == reason.value))
+        }
+        result = Recommendation(
+            request_id=query.request_id,
+            channel=query.channel,
+            items=tuple(items),
+            unknown_skus=unknown_skus,
+            degraded=tuple(dict.fromkeys(degraded)),
+            versions=Versions(
+                model=self._artifacts.version,
+                snapshot=serving.meta.version,
+                policy=policy.content_hash,
+            ),
+            candidates_considered=len(all_judged.catalog_pos),
+            dropped_by_rule=dropped_by_rule,
+            dropped=dropped,
+        )
+        self._log_decision(query, result, personalized=user_row is not None)
+        return result
+
+    async def _judge(
+        self,
+        serving: ServingSnapshot,
+        candidates: Candidates,
+        *,
+        request: RequestFacts,
+        nodes: EligibleNodes,
+        basket_pos: IntArray | None,
+        basket_quantity: IntArray,
+        degraded: list[str],
+    ) -> tuple[_Judged, RequestFacts]:
+        """Both rule stages for one batch of candidates; the first batch also reads the
+        basket's stock and returns the request with its basket nodes filled in."""
+        catalog, compiled = serving.catalog, serving.policy
+        catalog_pos = serving.model_to_catalog[candidates.item_idx]
+        known = catalog_pos >= 0
+        safe = np.where(known, catalog_pos, 0)
+        price = np.where(known, catalog.effective_price(safe, now=request.now), np.nan)
+        count, columns = len(catalog_pos), len(nodes.positions)
+        facts = CandidateFacts(
+            catalog_pos=catalog_pos,
+            category_code=np.where(known, catalog.category_code[safe], len(catalog.categories)),
+            uses_history=np.isin(candidates.kind, _HISTORY_KINDS),
+            age_restricted=known & catalog.age_restricted[safe],
+            excluded_vendor=known & compiled.excluded_item[safe],
+            effective_price=price,
+            unit_margin=price - np.where(known, catalog.unit_cost[safe], np.nan),
+            available=np.full((count, columns), -1, dtype=np.int64, order="F"),
+            inbound=np.zeros((count, columns), dtype=np.int64, order="F"),
+            ranged_at_store=np.zeros(count, dtype=np.bool_),
+            fulfilment_cost=np.full(count, np.nan),
+        )
+        drop_reason = apply_constraints(facts, request, compiled, MASTER_CONSTRAINTS)
+        survivors = np.flatnonzero(drop_reason == KEPT)
+
+        basket_pos = basket_pos if basket_pos is not None else np.empty(0, dtype=np.int64)
+        read_pos = np.concatenate([catalog_pos[survivors], basket_pos])
+        available, inbound, ranged = await self._read_stock(
+            serving, read_pos, nodes, degraded, now=request.now
+        )
+        ship_to_home = catalog.ship_to_home[read_pos]
+        if request.channel == "pos":
+            # A DC column serves POS only for items sold for home delivery.
+            sellable = nodes.take_home[np.newaxis, :] | ship_to_home[:, np.newaxis]
+            available = np.where(sellable, available, -1)
+        split = len(survivors)
+        if basket_pos.size:
+            request = _with_basket_nodes(request, available[split:], basket_quantity)
+        facts.available[survivors] = available[:split]
+        facts.inbound[survivors] = inbound[:split]
+        if request.channel == "pos":
+            facts.ranged_at_store[survivors] = (ranged[:split] & nodes.take_home).any(axis=1)
+
+        stock_view, column = with_fulfilment(facts.take(survivors), request, compiled)
+        drop_reason[survivors] = apply_constraints(stock_view, request, compiled, STOCK_CONSTRAINTS)
+        node_column = np.full(count, -1, dtype=np.int64)
+        node_column[survivors] = column
+        facts.fulfilment_cost[survivors] = stock_view.fulfilment_cost
+        judged = _Judged(
+            item_idx=candidates.item_idx,
+            kind=candidates.kind,
+            relevance=candidates.score.astype(np.float64),
+            catalog_pos=catalog_pos,
+            drop_reason=drop_reason,
+            facts=facts,
+            node_column=node_column,
+        )
+        return judged, request
+
+    def _rank(
+        self,
+        serving: ServingSnapshot,
+        judged: _Judged,
+        kept: IntArray,
+        query: RecommendationQuery,
+    ) -> tuple[ScoreParts, npt.NDArray[np.float64], IntArray]:
+        catalog, compiled = serving.catalog, serving.policy
+        catalog_pos = judged.catalog_pos[kept]
+        columns = judged.node_column[kept]
+        rows = np.arange(len(kept))
+        facts = judged.facts
+        stock_units = facts.available[kept][rows, columns] + facts.inbound[kept][rows, columns]
+        p_accept = judged.relevance[
+            kept
+        ]  # calibrated acceptance lands with the model's calibration
+        inputs = RankingInputs(
+            catalog_pos=catalog_pos,
+            category_code=facts.category_code[kept],
+            relevance=judged.relevance[kept],
+            p_accept=p_accept,
+            effective_price=facts.effective_price[kept],
+            unit_margin=facts.unit_margin[kept],
+            return_rate=catalog.return_rate[catalog_pos],
+            fulfilment_cost=facts.fulfilment_cost[kept],
+            stock_units=stock_units.astype(np.int64),
+        )
+        parts = score(inputs, compiled, query.channel)
+        order = rank(
+            parts.final,
+            catalog_pos,
+            inputs.category_code,
+            limit=query.limit,
+            max_per_category=compiled.policy.ranking.max_per_category,
+        )
+        return parts, p_accept, order
+
+    async def _read_stock(
+        self,
+        serving: ServingSnapshot,
+        catalog_pos: IntArray,
+        nodes: EligibleNodes,
+        degraded: list[str],
+        *,
+        now: datetime,
+    ) -> tuple[IntArray, IntArray, npt.NDArray[np.bool_]]:
+        """Available units (ATP minus safety stock, -1 where not ranged), inbound and ranged,
+        shape (items, eligible nodes), in one round trip.
+
+        Fails closed: when stock cannot be read, or a figure is older than the policy trusts,
+        that stock does not exist for this request, and ``degraded`` says why.
+        """
+        shape = (len(catalog_pos), len(nodes.positions))
+        unseen = (
+            np.full(shape, -1, dtype=np.int64),
+            np.zeros(shape, dtype=np.int64),
+            np.zeros(shape, dtype=np.bool_),
+        )
+        if not shape[0] or not shape[1]:
+            return unseen
+        try:
+            stock = await self._store.read_stock(
+                serving.meta.version,
+                [serving.catalog.skus[int(pos)] for pos in catalog_pos],
+                serving.nodes.ids(nodes.positions),
+            )
+        except StoreError as exc:
+            log.warning("stock_read_failed", error=str(exc))
+            degraded.append("stock unavailable: nothing recommended on unseen stock")
+            return unseen
+        trusted = stock.ranged
+        max_age = serving.policy.policy.stock.max_age_seconds
+        if max_age is not None:
+            fresh = fresh_stock_mask(stock.as_of_us, now_us=epoch_us(now), max_age_seconds=max_age)
+            if (stock.ranged & ~fresh).any():
+                degraded.append(
+                    f"stale stock: figures older than {max_age:g}s are not trusted, "
+                    "nothing recommended on them"
+                )
+            trusted = stock.ranged & fresh
+        available = available_units(stock.atp, stock.safety_stock, trusted)
+        return available, np.where(trusted, stock.inbound, 0).astype(np.int64), trusted
+
+    def _sku_of(self, serving: ServingSnapshot, model_row: int) -> str:
+        pos = int(serving.model_to_catalog[model_row])
+        return serving.catalog.skus[pos] if pos >= 0 else self._artifacts.item_skus[model_row]
+
+    @staticmethod
+    def _anchor_name(serving: ServingSnapshot, excluded_pos: IntArray) -> str | None:
+        # The PDP item when there is one (it is asked last), else the last basket line.
+        if not len(excluded_pos):
+            return None
+        return serving.catalog.names[int(excluded_pos[-1])]
+
+    @staticmethod
+    def _log_decision(
+        query: RecommendationQuery, result: Recommendation, *, personalized: bool
+    ) -> None:
+        """The decision record: enough to answer "why", and no customer identifier."""
+        dropped_skus: dict[str, list[str]] = {}
+        for entry in result.dropped:
+            dropped_skus.setdefault(entry.rule, []).append(entry.sku)
+        log.info(
+            "decision",
+            channel=query.channel,
+            basket_lines=len(query.basket),
+            personalized=personalized,
+            candidates=result.candidates_considered,
+            dropped=result.dropped_by_rule,
+            dropped_skus=dropped_skus,
+            shown=[
+                {"sku": item.sku, "kind": item.kind, **item.score_parts.__dict__}
+                for item in result.items
+            ],
+            unknown_skus=len(result.unknown_skus),
+            degraded=list(result.degraded),
+            model_version=result.versions.model,
+            snapshot_version=result.versions.snapshot,
+            policy_version=result.versions.policy,
+        )
+
+
+def _subset(candidates: Candidates, mask: npt.NDArray[np.bool_]) -> Candidates:
+    return Candidates(
+        item_idx=candidates.item_idx[mask], score=candidates.score[mask], kind=candidates.kind[mask]
+    )
+
+
+def _with_basket_nodes(
+    request: RequestFacts, basket_available: IntArray, basket_quantity: IntArray
+) -> RequestFacts:
+    """The request with ``basket_node`` set: for each basket line, the node it would ship
+    from (the one with most stock covering its quantity)."""
+    covers = basket_available >= basket_quantity[:, np.newaxis]
+    best = np.argmax(np.where(covers, basket_available, -1), axis=1)
+    shipped = covers[np.arange(len(best)), best]
+    basket_node = np.zeros(basket_available.shape[1], dtype=np.bool_)
+    basket_node[best[shipped]] = True
+    return RequestFacts(
+        channel=request.channel,
+        excluded_pos=request.excluded_pos,
+        basket_category_codes=request.basket_category_codes,
+        quantity=request.quantity,
+        now=request.now,
+        consent=request.consent,
+        node_cost=request.node_cost,
+        basket_node=basket_node,
+    )
+
+
+def _concatenate(rounds: list[_Judged]) -> _Judged:
+    if len(rounds) == 1:
+        return rounds[0]
+    facts = [judged.facts for judged in rounds]
+    return _Judged(
+        item_idx=np.concatenate([r.item_idx for r in rounds]),
+        kind=np.concatenate([r.kind for r in rounds]),
+        relevance=np.concatenate([r.relevance for r in rounds]),
+        catalog_pos=np.concatenate([r.catalog_pos for r in rounds]),
+        drop_reason=np.concatenate([r.drop_reason for r in rounds]),
+        facts=CandidateFacts(
+            **{
+                name: np.concatenate([getattr(f, name) for f in facts])
+                for name in CandidateFacts.__dataclass_fields__
+            }
+        ),
+        node_column=np.concatenate([r.node_column for r in rounds]),
+    )
