@@ -255,7 +255,7 @@ def test_ta_feng_zip_in_the_published_format(tmp_path: Path) -> None:
     source = tmp_path / "ta_feng.csv.zip"
     with zipfile.ZipFile(source, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         archive.writestr("ta_feng_all_months_merged.csv", ta_feng_csv_bytes(TA_FENG_ROWS))
-    summary = import_ta_feng(source, tmp_path / "out")
+    summary = import_ta_feng(source, tmp_path / "out", stock_as_of=STOCK_AS_OF)
 
     assert summary.lines_read == 8
     assert dict(summary.lines_dropped) == {
@@ -286,7 +286,7 @@ def test_ta_feng_zip_in_the_published_format(tmp_path: Path) -> None:
 
     unzipped = tmp_path / "ta_feng.csv"
     unzipped.write_bytes(ta_feng_csv_bytes(TA_FENG_ROWS))
-    import_ta_feng(unzipped, tmp_path / "from_csv")
+    import_ta_feng(unzipped, tmp_path / "from_csv", stock_as_of=STOCK_AS_OF)
     assert file_bytes(tmp_path / "from_csv") == file_bytes(tmp_path / "out")
 
 
