@@ -25,6 +25,7 @@ class Kind(IntEnum):
     BUNDLE = 3  # frequently bought together with the basket (co-occurrence lift)
     UPGRADE = 4  # a premium alternative to a basket item: same category, dearer, more margin
     REPLENISH = 5  # an item the customer buys at a regular interval and is due again
+    SUBSTITUTE = 6  # an in-stock alternative to a basket item no eligible node can fulfil
 
     @property
     def wire(self) -> str:

@@ -1,11 +1,14 @@
-"""Substitutes for basket items that cannot be fulfilled: in-stock alternatives from the same
+"""Substitutes for basket items that cannot be fulfilled: alternatives from the same
 category, ranked by how alike the model thinks they are (cosine of ALS item factors).
 
-The category of each model item comes from the snapshot's item master, handed in as an
-array, so this module needs no catalog of its own.
+Whether an alternative is itself in stock is the rules' business: the pipeline judges
+substitutes like every other candidate. The category of each model item comes from the
+snapshot's item master, handed in as an array, so this module needs no catalog of its own.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
@@ -15,43 +18,80 @@ from models.interfaces import ModelArtifacts
 IntArray = npt.NDArray[np.int64]
 
 
-def substitute_candidates(
-    artifacts: ModelArtifacts,
-    *,
-    constrained_rows: IntArray,
-    category_of_row: IntArray,
-    count_per_item: int,
-) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.float32]]:
-    """Model rows and scores in [0, 1] of substitutes for each constrained model row.
+@dataclass(frozen=True, eq=False)
+class Substitutes:
+    """Parallel arrays, best first, each item once."""
 
-    ``category_of_row`` gives each model item's category code (-1 where unknown); items of
-    unknown category get no substitutes. A row proposed for several constrained items keeps
-    its best score. Rows come back best first, unique, without the constrained rows.
+    item_idx: npt.NDArray[np.int32]  # model rows of the alternatives
+    score: npt.NDArray[np.float32]  # in [0, 1]: cosine mapped from [-1, 1]
+    for_row: npt.NDArray[np.int32]  # the constrained model row each one replaces
+
+    def __len__(self) -> int:
+        return int(self.item_idx.shape[0])
+
+
+class SubstituteFinder:
+    """Same-category alternatives by ALS similarity, for one (model, item master) pair.
+
+    Categories are grouped once at construction, so a request touches only the categories
+    of its constrained items, never the whole catalog.
     """
-    factors = artifacts.item_factors
-    norms = np.linalg.norm(factors, axis=1)
-    norms[norms == 0] = 1.0
-    found_rows: list[IntArray] = []
-    found_scores: list[npt.NDArray[np.float64]] = []
-    for row in constrained_rows:
-        category = category_of_row[row]
-        if category < 0:
-            continue
-        same = np.flatnonzero(category_of_row == category)
-        same = same[~np.isin(same, constrained_rows)]
-        if not same.size:
-            continue
-        cosine = (factors[same] @ factors[row]) / (norms[same] * norms[row])
-        top = np.argsort(-cosine, kind="stable")[:count_per_item]
-        found_rows.append(same[top])
-        # Cosine lies in [-1, 1]; map to [0, 1] so it is comparable with other relevance.
-        found_scores.append((cosine[top] + 1.0) / 2.0)
-    if not found_rows:
-        return np.empty(0, dtype=np.int32), np.empty(0, dtype=np.float32)
-    rows = np.concatenate(found_rows)
-    scores = np.concatenate(found_scores)
-    order = np.lexsort((rows, -scores))
-    rows, scores = rows[order], scores[order]
-    _, first = np.unique(rows, return_index=True)
-    keep = np.sort(first)
-    return rows[keep].astype(np.int32), scores[keep].astype(np.float32)
+
+    def __init__(self, artifacts: ModelArtifacts, category_of_row: IntArray) -> None:
+        if len(category_of_row) != len(artifacts.item_skus):
+            raise ValueError(
+                f"category_of_row covers {len(category_of_row)} items, "
+                f"the model has {len(artifacts.item_skus)}"
+            )
+        self._factors = artifacts.item_factors
+        norms = np.linalg.norm(self._factors, axis=1)
+        norms[norms == 0] = 1.0
+        self._norms = norms
+        self._category = np.asarray(category_of_row, dtype=np.int64)
+        known = np.flatnonzero(self._category >= 0)
+        self._members = known[np.argsort(self._category[known], kind="stable")]
+        n_groups = int(self._category.max()) + 1 if known.size else 0
+        self._indptr = np.zeros(n_groups + 1, dtype=np.int64)
+        np.cumsum(np.bincount(self._category[known], minlength=n_groups), out=self._indptr[1:])
+
+    def find(self, constrained_rows: npt.ArrayLike, *, count_per_item: int) -> Substitutes:
+        """Up to ``count_per_item`` alternatives for each constrained model row.
+
+        Items of unknown category get none; a row proposed for several constrained items keeps
+        its best score (and names that item); constrained rows are never proposed.
+        """
+        constrained = np.unique(np.asarray(constrained_rows, dtype=np.int64))
+        found: list[tuple[IntArray, npt.NDArray[np.float64], int]] = []
+        if count_per_item > 0:
+            # One pass per constrained basket line: a basket holds few of them.
+            for row in constrained:
+                category = self._category[row]
+                if category < 0:
+                    continue
+                same = self._members[self._indptr[category] : self._indptr[category + 1]]
+                same = same[~np.isin(same, constrained)]
+                if not same.size:
+                    continue
+                cosine = (self._factors[same] @ self._factors[row]) / (
+                    self._norms[same] * self._norms[row]
+                )
+                top = np.argsort(-cosine, kind="stable")[:count_per_item]
+                found.append((same[top], (cosine[top] + 1.0) / 2.0, int(row)))
+        if not found:
+            return Substitutes(
+                item_idx=np.empty(0, dtype=np.int32),
+                score=np.empty(0, dtype=np.float32),
+                for_row=np.empty(0, dtype=np.int32),
+            )
+        rows = np.concatenate([part[0] for part in found])
+        scores = np.concatenate([part[1] for part in found])
+        owners = np.concatenate([np.full(len(part[0]), part[2]) for part in found])
+        order = np.lexsort((rows, -scores))
+        rows, scores, owners = rows[order], scores[order], owners[order]
+        _, first = np.unique(rows, return_index=True)
+        keep = np.sort(first)
+        return Substitutes(
+            item_idx=rows[keep].astype(np.int32),
+            score=np.clip(scores[keep], 0.0, 1.0).astype(np.float32),
+            for_row=owners[keep].astype(np.int32),
+        )

@@ -107,6 +107,51 @@ class Fulfilment(BaseModel):
     )
 
 
+class GeneratorWeights(BaseModel):
+    """How much each candidate generator counts in the hybrid (0 leaves it out).
+
+    The names are those of ``models.generators.HybridWeights``; the service builds the
+    hybrid from these, so a reload can retune the mix without a new model.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    cross_sell: float = Field(default=1.0, ge=0, description="Co-occurrence item-item.")
+    personal: float = Field(default=1.0, ge=0, description="ALS, for a consenting customer.")
+    popular: float = Field(default=0.2, ge=0, description="Overall popularity: the backfill.")
+    factor_cross_sell: float = Field(default=0.0, ge=0, description="ALS item-factor neighbours.")
+    bundle: float = Field(default=0.0, ge=0, description="Frequently bought together (lift).")
+    upgrade: float = Field(default=0.0, ge=0, description="Premium alternatives in the category.")
+    replenish: float = Field(default=0.0, ge=0, description="Regular purchases due again.")
+    segment_popular: float = Field(
+        default=0.0, ge=0, description="Popularity in the basket's categories and the region."
+    )
+
+    @model_validator(mode="after")
+    def _usable(self) -> GeneratorWeights:
+        chosen = [name for name, weight in self.model_dump().items() if weight > 0]
+        if not chosen:
+            raise ValueError("at least one generator weight must be positive")
+        if len(chosen) > 1 and self.popular <= 0:
+            raise ValueError("popular: must be positive when several generators are mixed")
+        return self
+
+
+class CandidatePolicy(BaseModel):
+    """Where candidates come from, before any constraint."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    weights: GeneratorWeights = GeneratorWeights()
+    substitutes_per_item: int = Field(
+        default=10,
+        ge=0,
+        le=200,
+        description="In-stock alternatives proposed for each basket item that cannot be "
+        "fulfilled at an eligible node (0: none).",
+    )
+
+
 class StockPolicy(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -126,6 +171,7 @@ class Policy(BaseModel):
     candidate_pool: int = Field(default=300, ge=10, le=5000)
     max_candidate_pool: int = Field(default=1200, ge=10, le=20000)
     default_quantity: int = Field(default=1, ge=1, le=1000)
+    candidates: CandidatePolicy = CandidatePolicy()
     ranking: RankingPolicy = RankingPolicy()
     restrictions: Restrictions = Restrictions()
     fulfilment: Fulfilment = Fulfilment()

@@ -40,6 +40,11 @@ class ShowReason(StrEnum):
     IN_STOCK_TO_SHIP = "IN_STOCK_TO_SHIP"
     MARGIN_FLOOR_MET = "MARGIN_FLOOR_MET"
     ON_PROMOTION = "ON_PROMOTION"
+    # Lead reasons of the kinds beyond the basic three (wire names stay stable).
+    COMPLETES_THE_SET = "COMPLETES_THE_SET"  # bundle
+    PREMIUM_UPGRADE = "PREMIUM_UPGRADE"  # upgrade
+    DUE_AGAIN = "DUE_AGAIN"  # replenish
+    REPLACES_UNAVAILABLE = "REPLACES_UNAVAILABLE"  # substitute for a basket item out of stock
 
 
 # Plain-language fragments, joined by the template explainer; {anchor} is the basket or PDP
@@ -52,6 +57,10 @@ SHOW_REASON_WORDING: dict[ShowReason, str] = {
     ShowReason.IN_STOCK_TO_SHIP: "in stock to ship with your order",
     ShowReason.MARGIN_FLOOR_MET: "",
     ShowReason.ON_PROMOTION: "on promotion now",
+    ShowReason.COMPLETES_THE_SET: "Completes the set with {anchor}",
+    ShowReason.PREMIUM_UPGRADE: "A step up from {anchor}",
+    ShowReason.DUE_AGAIN: "Time to restock an item you buy regularly",
+    ShowReason.REPLACES_UNAVAILABLE: "An in-stock alternative to {anchor}",
 }
 
 DROP_REASON_WORDING: dict[DropReason, str] = {

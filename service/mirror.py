@@ -15,7 +15,9 @@ import numpy as np
 import numpy.typing as npt
 import structlog
 
-from models.interfaces import ModelArtifacts
+from models.generators import HybridWeights, ItemFacts, build_generator
+from models.interfaces import CandidateGenerator, ModelArtifacts
+from models.substitutes import SubstituteFinder
 from rules.catalog import Catalog, NodeTable, catalog_from_items, node_table_from_nodes
 from rules.constraints import CompiledPolicy, compile_policy
 from rules.errors import NotReadyError, StoreError
@@ -35,6 +37,24 @@ class ServingSnapshot:
     policy: CompiledPolicy
     model_to_catalog: npt.NDArray[np.int64]  # per model item row: catalog position or -1
     catalog_to_model: npt.NDArray[np.int64]  # per catalog position: model item row or -1
+    # The policy's generator mix over the model, with this snapshot's item facts (upgrades
+    # and category popularity need categories, prices and costs, which change by snapshot).
+    generator: CandidateGenerator
+    # Same-category alternatives for basket items that cannot be fulfilled.
+    substitutes: SubstituteFinder
+
+
+def build_serving_generator(
+    artifacts: ModelArtifacts,
+    policy: Policy,
+    catalog: Catalog,
+    model_to_catalog: npt.NDArray[np.int64],
+) -> CandidateGenerator:
+    """The hybrid the policy's ``candidates.weights`` describe, over this snapshot's facts."""
+    weights = HybridWeights(**policy.candidates.weights.model_dump())
+    return build_generator(
+        artifacts, weights, facts=ItemFacts.from_catalog(catalog, model_to_catalog)
+    )
 
 
 def join_model_to_catalog(
@@ -81,8 +101,13 @@ class SnapshotMirror:
         async with self._lock:
             self._policy = policy
             if self._serving is not None:
+                serving = self._serving
                 self._serving = replace(
-                    self._serving, policy=compile_policy(policy, self._serving.catalog)
+                    serving,
+                    policy=compile_policy(policy, serving.catalog),
+                    generator=build_serving_generator(
+                        self._artifacts, policy, serving.catalog, serving.model_to_catalog
+                    ),
                 )
 
     async def current(self) -> ServingSnapshot:
@@ -116,6 +141,7 @@ class SnapshotMirror:
                 return
             catalog = catalog_from_items(master.items)
             model_to_catalog, catalog_to_model = join_model_to_catalog(self._artifacts, catalog)
+            in_catalog = model_to_catalog >= 0
             self._serving = ServingSnapshot(
                 meta=master.meta,
                 catalog=catalog,
@@ -123,6 +149,17 @@ class SnapshotMirror:
                 policy=compile_policy(self._policy, catalog),
                 model_to_catalog=model_to_catalog,
                 catalog_to_model=catalog_to_model,
+                generator=build_serving_generator(
+                    self._artifacts, self._policy, catalog, model_to_catalog
+                ),
+                substitutes=SubstituteFinder(
+                    self._artifacts,
+                    np.where(
+                        in_catalog,
+                        catalog.category_code[np.where(in_catalog, model_to_catalog, 0)],
+                        -1,
+                    ).astype(np.int64),
+                ),
             )
             self.last_error = None
             log.info(

@@ -9,7 +9,7 @@ the same way, up to the policy's ``max_candidate_pool``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Literal
 
@@ -18,7 +18,13 @@ import numpy.typing as npt
 import structlog
 
 from models.calibration import AcceptanceCalibration
-from models.interfaces import CandidateGenerator, Candidates, Kind, ModelArtifacts
+from models.interfaces import (
+    CandidateGenerator,
+    Candidates,
+    GenerationContext,
+    Kind,
+    ModelArtifacts,
+)
 from rules.constraints import (
     KEPT,
     MASTER_CONSTRAINTS,
@@ -48,9 +54,13 @@ _LEAD_REASON_BY_KIND: dict[Kind, ShowReason] = {
     Kind.CROSS_SELL: ShowReason.BOUGHT_TOGETHER,
     Kind.PERSONAL: ShowReason.MATCHES_HISTORY,
     Kind.POPULAR: ShowReason.POPULAR,
+    Kind.BUNDLE: ShowReason.COMPLETES_THE_SET,
+    Kind.UPGRADE: ShowReason.PREMIUM_UPGRADE,
+    Kind.REPLENISH: ShowReason.DUE_AGAIN,
+    Kind.SUBSTITUTE: ShowReason.REPLACES_UNAVAILABLE,
 }
 # Kinds proposed from the customer's own purchase history: shown only with consent.
-_HISTORY_KINDS = np.array([Kind.PERSONAL.value], dtype=np.int8)
+_HISTORY_KINDS = np.array([Kind.PERSONAL.value, Kind.REPLENISH.value], dtype=np.int8)
 
 
 @dataclass(frozen=True)
@@ -142,6 +152,7 @@ class _Judged:
     drop_reason: npt.NDArray[np.int8]
     facts: CandidateFacts  # of every candidate; stock columns filled for stock-stage rows
     node_column: IntArray  # -1 where no eligible node covers the quantity
+    anchor_pos: IntArray  # catalog position of the item a candidate hangs on; -1: the basket
 
 
 class Recommender:
@@ -153,15 +164,18 @@ class Recommender:
         mirror: SnapshotMirror,
         store: SnapshotStore,
         artifacts: ModelArtifacts,
-        generator: CandidateGenerator,
+        generator: CandidateGenerator | None = None,
         calibration: AcceptanceCalibration | None = None,
     ) -> None:
+        """``generator`` overrides the policy's generator mix (the offline evaluation compares
+        mixes); by default each snapshot's ``ServingSnapshot.generator`` proposes."""
         self._mirror = mirror
         self._calibration = calibration
         self._store = store
         self._artifacts = artifacts
         self._generator = generator
         self._user_row = {customer: row for row, customer in enumerate(artifacts.user_ids)}
+        self._model_skus = np.asarray(artifacts.item_skus, dtype=object)
 
     async def recommend(
         self, query: RecommendationQuery, *, now: datetime | None = None
@@ -214,23 +228,46 @@ class Recommender:
             basket_node=np.zeros(len(nodes.positions), dtype=np.bool_),
         )
 
+        generator = self._generator or serving.generator
+        context = GenerationContext(
+            now=now,
+            region=_request_region(serving, query),
+            categories=_unmodelled_categories(serving, excluded_pos),
+        )
         rounds: list[_Judged] = []
         seen: IntArray = np.empty(0, dtype=np.int64)
         pool = policy.candidate_pool
         while True:
-            candidates = self._generator.generate(anchors=anchors, user_row=user_row, count=pool)
+            candidates = generator.generate(
+                anchors=anchors, user_row=user_row, count=pool, context=context
+            )
             fresh = ~np.isin(candidates.item_idx, seen)
-            seen = candidates.item_idx.astype(np.int64)
-            judged, request = await self._judge(
+            seen = np.union1d(seen, candidates.item_idx)
+            first_round = not rounds
+            judged, request, basket_covered = await self._judge(
                 serving,
                 _subset(candidates, fresh),
                 request=request,
                 nodes=nodes,
-                basket_pos=excluded_pos if not rounds else None,
+                basket_pos=excluded_pos if first_round else None,
                 basket_quantity=basket_quantity,
                 degraded=degraded,
             )
-            rounds.append(judged)
+            if first_round and policy.candidates.substitutes_per_item:
+                judged, substitutes = await self._substitutes(
+                    serving,
+                    judged,
+                    unfulfillable=model_rows[~basket_covered],
+                    request=request,
+                    nodes=nodes,
+                    degraded=degraded,
+                )
+                rounds.append(judged)
+                if substitutes is not None:
+                    rounds.append(substitutes)
+                    seen = np.union1d(seen, substitutes.item_idx)
+            else:
+                rounds.append(judged)
             kept_so_far = sum(int((r.drop_reason == KEPT).sum()) for r in rounds)
             exhausted = len(candidates) < pool or pool >= policy.max_candidate_pool
             if kept_so_far >= query.limit or exhausted:
@@ -242,7 +279,7 @@ class Recommender:
         parts, p_accept, order = self._rank(serving, all_judged, kept, query)
 
         # Explanation and response.
-        anchor_name = self._anchor_name(serving, excluded_pos)
+        basket_anchor = self._anchor_name(serving, excluded_pos)
         shown = kept[order]
         shown_pos = all_judged.catalog_pos[shown]
         on_promotion = catalog.on_promotion(shown_pos, now=now)
@@ -261,6 +298,8 @@ class Recommender:
                 reasons.append(ShowReason.ON_PROMOTION)
             reasons.append(ShowReason.MARGIN_FLOOR_MET)
             at = order[rank_index]
+            own_anchor = int(all_judged.anchor_pos[row])
+            anchor_name = catalog.names[own_anchor] if own_anchor >= 0 else basket_anchor
             items.append(
                 RecommendedItem(
                     sku=catalog.skus[pos],
@@ -271,7 +310,9 @@ class Recommender:
                     unit_margin=round(float(all_judged.facts.unit_margin[row]), 4),
                     fulfillment_node=serving.nodes.node_ids[int(nodes.positions[column])],
                     reason_codes=tuple(reason.value for reason in reasons),
-                    explanation=template_explanation(reasons, anchor_name=anchor_name),
+                    explanation=template_explanation(
+                        reasons, anchor_name=anchor_name, kind=kind.wire, locale=query.locale
+                    ),
                     explanation_source="template",
                     score_parts=ScoreTrace(
                         relevance=round(float(all_judged.relevance[row]), 6),
@@ -287,19 +328,30 @@ class Recommender:
             )
 
         dropped_rows = np.flatnonzero(all_judged.drop_reason != KEPT)
-        dropped = tuple(
-            DroppedCandidate(
-                sku=self._sku_of(serving, int(all_judged.item_idx[row])),
-                kind=Kind(int(all_judged.kind[row])).wire,
-                rule=DropReason(int(all_judged.drop_reason[row])).code,
-            )
-            for row in dropped_rows
-        )
-        dropped_by_rule = {
-            reason.code: int(count)
+        dropped_skus = self._model_skus[all_judged.item_idx[dropped_rows]]
+        dropped_reason = all_judged.drop_reason[dropped_rows]
+        dropped_skus_by_rule = {
+            reason.code: skus.tolist()
             for reason in DropReason
-            if (count := np.count_nonzero(all_judged.drop_reason == reason.value))
+            if (skus := dropped_skus[dropped_reason == reason.value]).size
         }
+        dropped_by_rule = {rule: len(skus) for rule, skus in dropped_skus_by_rule.items()}
+        # Per-candidate records only for a debug trace: most requests need the counts alone.
+        dropped = (
+            tuple(
+                DroppedCandidate(
+                    sku=str(sku), kind=Kind(int(kind)).wire, rule=DropReason(int(reason)).code
+                )
+                for sku, kind, reason in zip(
+                    dropped_skus,
+                    all_judged.kind[dropped_rows],
+                    dropped_reason,
+                    strict=True,
+                )
+            )
+            if query.debug
+            else ()
+        )
         result = Recommendation(
             request_id=query.request_id,
             channel=query.channel,
@@ -315,7 +367,9 @@ class Recommender:
             dropped_by_rule=dropped_by_rule,
             dropped=dropped,
         )
-        self._log_decision(query, result, personalized=user_row is not None)
+        self._log_decision(
+            query, result, dropped_skus=dropped_skus_by_rule, personalized=user_row is not None
+        )
         return result
 
     async def _judge(
@@ -328,9 +382,11 @@ class Recommender:
         basket_pos: IntArray | None,
         basket_quantity: IntArray,
         degraded: list[str],
-    ) -> tuple[_Judged, RequestFacts]:
+        anchor_pos: IntArray | None = None,
+    ) -> tuple[_Judged, RequestFacts, npt.NDArray[np.bool_]]:
         """Both rule stages for one batch of candidates; the first batch also reads the
-        basket's stock and returns the request with its basket nodes filled in."""
+        basket's stock and returns the request with its basket nodes filled in, and which
+        basket lines some eligible node can fulfil (all True when no basket is read)."""
         catalog, compiled = serving.catalog, serving.policy
         catalog_pos = serving.model_to_catalog[candidates.item_idx]
         known = catalog_pos >= 0
@@ -364,8 +420,10 @@ class Recommender:
             sellable = nodes.take_home[np.newaxis, :] | ship_to_home[:, np.newaxis]
             available = np.where(sellable, available, -1)
         split = len(survivors)
+        basket_covered: npt.NDArray[np.bool_] = np.ones(len(basket_pos), dtype=np.bool_)
         if basket_pos.size:
             request = _with_basket_nodes(request, available[split:], basket_quantity)
+            basket_covered = np.any(available[split:] >= basket_quantity[:, np.newaxis], axis=1)
         facts.available[survivors] = available[:split]
         facts.inbound[survivors] = inbound[:split]
         if request.channel == "pos":
@@ -384,8 +442,69 @@ class Recommender:
             drop_reason=drop_reason,
             facts=facts,
             node_column=node_column,
+            anchor_pos=anchor_pos if anchor_pos is not None else np.full(count, -1, np.int64),
         )
-        return judged, request
+        return judged, request, basket_covered
+
+    async def _substitutes(
+        self,
+        serving: ServingSnapshot,
+        judged: _Judged,
+        *,
+        unfulfillable: IntArray,
+        request: RequestFacts,
+        nodes: EligibleNodes,
+        degraded: list[str],
+    ) -> tuple[_Judged, _Judged | None]:
+        """Alternatives for basket lines no eligible node can fulfil.
+
+        Those the generators proposed already (``judged``, the first round) become
+        substitutes: replacing an item the customer wanted is the stronger reason to show
+        them. The others are judged by every rule like any candidate, which costs one more
+        stock read, only when such a basket line exists.
+        """
+        modelled = unfulfillable[unfulfillable >= 0]
+        if not modelled.size:
+            return judged, None
+        found = serving.substitutes.find(
+            modelled, count_per_item=serving.policy.policy.candidates.substitutes_per_item
+        )
+        if not len(found):
+            return judged, None
+        by_item = np.argsort(found.item_idx)
+        at = by_item[
+            np.searchsorted(found.item_idx, judged.item_idx, sorter=by_item).clip(0, len(found) - 1)
+        ]
+        proposed = found.item_idx[at] == judged.item_idx
+        judged = replace(
+            judged,
+            kind=np.where(proposed, np.int8(Kind.SUBSTITUTE.value), judged.kind).astype(np.int8),
+            relevance=np.where(
+                proposed, np.maximum(judged.relevance, found.score[at]), judged.relevance
+            ),
+            anchor_pos=np.where(
+                proposed, serving.model_to_catalog[found.for_row[at]], judged.anchor_pos
+            ),
+        )
+        fresh = ~np.isin(found.item_idx, judged.item_idx)
+        if not fresh.any():
+            return judged, None
+        candidates = Candidates(
+            item_idx=found.item_idx[fresh],
+            score=found.score[fresh],
+            kind=np.full(int(fresh.sum()), Kind.SUBSTITUTE.value, dtype=np.int8),
+        )
+        extra, _, _ = await self._judge(
+            serving,
+            candidates,
+            request=request,
+            nodes=nodes,
+            basket_pos=None,
+            basket_quantity=np.empty(0, dtype=np.int64),
+            degraded=degraded,
+            anchor_pos=serving.model_to_catalog[found.for_row[fresh]],
+        )
+        return judged, extra
 
     def _rank(
         self,
@@ -400,13 +519,16 @@ class Recommender:
         rows = np.arange(len(kept))
         facts = judged.facts
         stock_units = facts.available[kept][rows, columns] + facts.inbound[kept][rows, columns]
-        p_accept = judged.relevance[
-            kept
-        ]  # calibrated acceptance lands with the model's calibration
+        relevance = judged.relevance[kept]
+        p_accept = (
+            self._calibration.predict(relevance, judged.kind[kept])
+            if self._calibration is not None
+            else relevance
+        )
         inputs = RankingInputs(
             catalog_pos=catalog_pos,
             category_code=facts.category_code[kept],
-            relevance=judged.relevance[kept],
+            relevance=relevance,
             p_accept=p_accept,
             effective_price=facts.effective_price[kept],
             unit_margin=facts.unit_margin[kept],
@@ -470,10 +592,6 @@ class Recommender:
         available = available_units(stock.atp, stock.safety_stock, trusted)
         return available, np.where(trusted, stock.inbound, 0).astype(np.int64), trusted
 
-    def _sku_of(self, serving: ServingSnapshot, model_row: int) -> str:
-        pos = int(serving.model_to_catalog[model_row])
-        return serving.catalog.skus[pos] if pos >= 0 else self._artifacts.item_skus[model_row]
-
     @staticmethod
     def _anchor_name(serving: ServingSnapshot, excluded_pos: IntArray) -> str | None:
         # The PDP item when there is one (it is asked last), else the last basket line.
@@ -483,12 +601,13 @@ class Recommender:
 
     @staticmethod
     def _log_decision(
-        query: RecommendationQuery, result: Recommendation, *, personalized: bool
+        query: RecommendationQuery,
+        result: Recommendation,
+        *,
+        dropped_skus: dict[str, list[str]],
+        personalized: bool,
     ) -> None:
         """The decision record: enough to answer "why", and no customer identifier."""
-        dropped_skus: dict[str, list[str]] = {}
-        for entry in result.dropped:
-            dropped_skus.setdefault(entry.rule, []).append(entry.sku)
         log.info(
             "decision",
             channel=query.channel,
@@ -513,6 +632,22 @@ def _subset(candidates: Candidates, mask: npt.NDArray[np.bool_]) -> Candidates:
     return Candidates(
         item_idx=candidates.item_idx[mask], score=candidates.score[mask], kind=candidates.kind[mask]
     )
+
+
+def _request_region(serving: ServingSnapshot, query: RecommendationQuery) -> str | None:
+    """The region popularity is read for: the request's, else the POS store's."""
+    if query.region is not None:
+        return query.region
+    store = serving.nodes.index.get(query.store_id) if query.store_id is not None else None
+    return serving.nodes.regions[store] if store is not None else None
+
+
+def _unmodelled_categories(serving: ServingSnapshot, asked_pos: IntArray) -> tuple[str, ...]:
+    """Categories of basket / PDP items the item master has and the model does not (new
+    SKUs): cold-start popularity can still use them."""
+    new_items = asked_pos[serving.catalog_to_model[asked_pos] < 0]
+    codes = np.unique(serving.catalog.category_code[new_items])
+    return tuple(serving.catalog.categories[int(code)] for code in codes)
 
 
 def _with_basket_nodes(
@@ -554,4 +689,5 @@ def _concatenate(rounds: list[_Judged]) -> _Judged:
             }
         ),
         node_column=np.concatenate([r.node_column for r in rounds]),
+        anchor_pos=np.concatenate([r.anchor_pos for r in rounds]),
     )

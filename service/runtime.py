@@ -12,7 +12,6 @@ import structlog
 
 from models.artifacts import load_artifacts
 from models.calibration import load_calibration
-from models.candidates import HybridGenerator
 from models.interfaces import ModelArtifacts
 from rules.errors import NotReadyError
 from rules.policy import Policy, load_policy
@@ -60,7 +59,6 @@ class Runtime:
             mirror=mirror,
             store=store,
             artifacts=artifacts,
-            generator=HybridGenerator.from_artifacts(artifacts),
             calibration=calibration,
         )
         log.info(

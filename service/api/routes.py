@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
+from service.api.auth import BearerDep, check_admin
 from service.api.schemas import (
     DroppedOut,
     HealthResponse,
@@ -40,6 +41,8 @@ RecommenderDep = Annotated[Recommender, Depends(get_recommender)]
 router = APIRouter()
 
 _PROBLEMS: dict[int | str, dict[str, object]] = {
+    401: {"model": Problem, "description": "debug=true with a missing or wrong admin token."},
+    403: {"model": Problem, "description": "debug=true while no admin token is configured."},
     422: {"model": Problem, "description": "Invalid request; `errors` names each field."},
     503: {"model": Problem, "description": "No snapshot or model yet, or the store is down."},
 }
@@ -52,9 +55,18 @@ _PROBLEMS: dict[int | str, dict[str, object]] = {
     tags=["recommendations"],
 )
 async def recommend(
-    body: RecommendationRequest, recommender: RecommenderDep
+    body: RecommendationRequest,
+    recommender: RecommenderDep,
+    request: Request,
+    credentials: BearerDep,
 ) -> RecommendationResponse:
-    """Upsell and cross-sell items for a basket or product page, under every constraint."""
+    """Upsell and cross-sell items for a basket or product page, under every constraint.
+
+    A debug trace (every dropped candidate, score parts) needs the admin token: it shows
+    margins and the rules' workings, which are the retailer's business, not the shopper's.
+    """
+    if body.debug:
+        check_admin(request, credentials, what="debug traces are admin-only")
     query = RecommendationQuery(
         request_id=current_request_id() or "",
         channel=body.channel,

@@ -63,7 +63,7 @@ class RecommendationRequest(BaseModel):
     debug: bool = Field(
         default=False,
         description="Include the trace: every dropped candidate with its rule, and the score "
-        "parts of every item shown.",
+        "parts of every item shown. Needs the admin bearer token.",
     )
 
     @model_validator(mode="after")

@@ -34,7 +34,15 @@ DEFAULT_LOCALE: Final = "en"
 SUPPORTED_LOCALES: Final = ("en", "de")
 
 # Reasons that say why the item is there at all; they open the sentence, never a clause.
-_LEAD_REASONS: Final = (ShowReason.BOUGHT_TOGETHER, ShowReason.MATCHES_HISTORY, ShowReason.POPULAR)
+_LEAD_REASONS: Final = (
+    ShowReason.BOUGHT_TOGETHER,
+    ShowReason.MATCHES_HISTORY,
+    ShowReason.POPULAR,
+    ShowReason.COMPLETES_THE_SET,
+    ShowReason.PREMIUM_UPGRADE,
+    ShowReason.DUE_AGAIN,
+    ShowReason.REPLACES_UNAVAILABLE,
+)
 
 # German fragments of the reason wording in rules.reasons ({anchor} as there).
 _REASON_WORDING_DE: Final[Mapping[ShowReason, str]] = {
@@ -45,6 +53,10 @@ _REASON_WORDING_DE: Final[Mapping[ShowReason, str]] = {
     ShowReason.IN_STOCK_TO_SHIP: "auf Lager und mit Ihrer Bestellung lieferbar",
     ShowReason.MARGIN_FLOOR_MET: "",
     ShowReason.ON_PROMOTION: "derzeit im Angebot",
+    ShowReason.COMPLETES_THE_SET: "Ergänzt {anchor} zum Set",
+    ShowReason.PREMIUM_UPGRADE: "Eine hochwertigere Alternative zu {anchor}",
+    ShowReason.DUE_AGAIN: "Zeit zum Nachkaufen: Sie bestellen diesen Artikel regelmäßig",
+    ShowReason.REPLACES_UNAVAILABLE: "Eine vorrätige Alternative zu {anchor}",
 }
 
 REASON_WORDING: Final[Mapping[str, Mapping[ShowReason, str]]] = {
@@ -52,46 +64,40 @@ REASON_WORDING: Final[Mapping[str, Mapping[ShowReason, str]]] = {
     "de": _REASON_WORDING_DE,
 }
 
-# Per locale and wire kind: (lead with an anchor item, lead without one). cross_sell, personal
-# and popular reuse their lead reason's wording so that the two can never drift apart.
+# Per locale and wire kind: (lead with an anchor item, lead without one). Leads with an anchor
+# are their lead reason's wording so that the two can never drift apart.
+_LEAD_REASON_OF_KIND: Final[Mapping[str, ShowReason]] = {
+    "cross_sell": ShowReason.BOUGHT_TOGETHER,
+    "personal": ShowReason.MATCHES_HISTORY,
+    "popular": ShowReason.POPULAR,
+    "upgrade": ShowReason.PREMIUM_UPGRADE,
+    "bundle": ShowReason.COMPLETES_THE_SET,
+    "replenish": ShowReason.DUE_AGAIN,
+    "substitute": ShowReason.REPLACES_UNAVAILABLE,
+}
+_LEAD_WITHOUT_ANCHOR: Final[Mapping[str, Mapping[str, str]]] = {
+    "en": {
+        "cross_sell": SHOW_REASON_WORDING[ShowReason.POPULAR],
+        "upgrade": "A step up in this range",
+        "bundle": "Completes the set",
+        "substitute": "An in-stock alternative",
+    },
+    "de": {
+        "cross_sell": _REASON_WORDING_DE[ShowReason.POPULAR],
+        "upgrade": "Eine hochwertigere Wahl in diesem Sortiment",
+        "bundle": "Ergänzt Ihr Set",
+        "substitute": "Eine vorrätige Alternative",
+    },
+}
 KIND_LEADS: Final[Mapping[str, Mapping[str, tuple[str, str]]]] = {
     locale: {
-        "cross_sell": (
-            wording[ShowReason.BOUGHT_TOGETHER],
-            wording[ShowReason.POPULAR],
-        ),
-        "personal": (wording[ShowReason.MATCHES_HISTORY],) * 2,
-        "popular": (wording[ShowReason.POPULAR],) * 2,
-        **extra,
+        kind: (
+            wording[reason],
+            _LEAD_WITHOUT_ANCHOR[locale].get(kind, wording[reason]),
+        )
+        for kind, reason in _LEAD_REASON_OF_KIND.items()
     }
-    for locale, wording, extra in (
-        (
-            "en",
-            SHOW_REASON_WORDING,
-            {
-                "upgrade": ("A step up from {anchor}", "A step up in this range"),
-                "bundle": ("Completes the set with {anchor}", "Completes the set"),
-                "replenish": ("Time to restock an item you buy regularly",) * 2,
-                "substitute": ("An in-stock alternative to {anchor}", "An in-stock alternative"),
-            },
-        ),
-        (
-            "de",
-            _REASON_WORDING_DE,
-            {
-                "upgrade": (
-                    "Eine hochwertigere Alternative zu {anchor}",
-                    "Eine hochwertigere Wahl in diesem Sortiment",
-                ),
-                "bundle": ("Ergänzt {anchor} zum Set", "Ergänzt Ihr Set"),
-                "replenish": ("Zeit zum Nachkaufen: Sie bestellen diesen Artikel regelmäßig",) * 2,
-                "substitute": (
-                    "Eine vorrätige Alternative zu {anchor}",
-                    "Eine vorrätige Alternative",
-                ),
-            },
-        ),
-    )
+    for locale, wording in REASON_WORDING.items()
 }
 
 

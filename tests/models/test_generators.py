@@ -198,6 +198,7 @@ def test_kinds_keep_their_wire_values() -> None:
         "bundle": 3,
         "upgrade": 4,
         "replenish": 5,
+        "substitute": 6,
     }
 
 

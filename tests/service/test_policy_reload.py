@@ -15,6 +15,8 @@ from tests.service.conftest import DemoData
 from tests.service.test_end_to_end import publish
 
 BODY = {"channel": "cart", "basket": [{"sku": "85123A"}], "limit": 5, "debug": True}
+TOKEN = "s3cret"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 def write_policy(path: Path, **ranking: object) -> None:
@@ -40,20 +42,20 @@ def test_reload_swaps_the_policy_and_refuses_a_bad_one(demo_data: DemoData, tmp_
     """A valid edit is served after reload (new hash, new knob); an invalid one is refused with
     the field named and the previous policy keeps serving."""
     write_policy(tmp_path / "policy.yaml", knobs=[{"margin_weight": 0.0}])
-    settings = settings_for(demo_data, tmp_path, token="s3cret")
-    auth = {"Authorization": "Bearer s3cret"}
+    settings = settings_for(demo_data, tmp_path, token=TOKEN)
+    auth = AUTH
     with TestClient(create_app(settings)) as client:
-        before = client.post("/v1/recommendations", json=BODY).json()
+        before = client.post("/v1/recommendations", json=BODY, headers=auth).json()
 
         write_policy(tmp_path / "policy.yaml", knobs=[{"margin_weight": 1.0}])
         reloaded = client.post("/v1/admin/policy/reload", headers=auth)
-        after = client.post("/v1/recommendations", json=BODY).json()
+        after = client.post("/v1/recommendations", json=BODY, headers=auth).json()
 
         (tmp_path / "policy.yaml").write_text(
             "name: broken\nversion: 1\nmargin_floors: [{percent: 7}]\n"
         )
         refused = client.post("/v1/admin/policy/reload", headers=auth)
-        still = client.post("/v1/recommendations", json=BODY).json()
+        still = client.post("/v1/recommendations", json=BODY, headers=auth).json()
 
     assert reloaded.status_code == 200
     assert reloaded.json()["policy_version"] == after["versions"]["policy"]
@@ -84,17 +86,20 @@ def test_debug_trace_names_every_drop(demo_data: DemoData, tmp_path: Path) -> No
     """With debug=true every considered candidate is either shown or listed as dropped with
     its rule, and each shown item carries its score parts; without it, no trace."""
     write_policy(tmp_path / "policy.yaml")
-    with TestClient(create_app(settings_for(demo_data, tmp_path, token=None))) as client:
-        traced = client.post("/v1/recommendations", json=BODY).json()
+    with TestClient(create_app(settings_for(demo_data, tmp_path, token=TOKEN))) as client:
+        traced = client.post("/v1/recommendations", json=BODY, headers=AUTH).json()
         plain = client.post("/v1/recommendations", json={**BODY, "debug": False}).json()
     trace = traced["trace"]
     assert plain["trace"] is None
+    assert plain["items"] == traced["items"]  # tracing changes nothing of the answer
     assert sum(trace["dropped_by_rule"].values()) == len(trace["dropped"])
+    # Considered = kept (shown or ranked below the limit) + dropped, nothing unaccounted.
+    assert trace["candidates_considered"] - len(trace["dropped"]) >= len(traced["items"])
+    assert trace["dropped_by_rule"]["IN_BASKET"] >= 1  # the basket item is a neighbour of itself
     assert all(entry["rule"] in trace["dropped_by_rule"] for entry in trace["dropped"])
     shown = {item["sku"] for item in traced["items"]}
     assert shown.isdisjoint(entry["sku"] for entry in trace["dropped"])
     assert [entry["sku"] for entry in trace["shown"]] == [item["sku"] for item in traced["items"]]
-    assert trace["dropped_by_rule"].get("IN_BASKET", 0) >= 0
     for entry in trace["shown"]:
         parts = entry["score_parts"]
         assert 0 <= parts["p_accept"] <= 1
@@ -110,9 +115,26 @@ def test_strict_rules_backfill_from_deeper_candidates(demo_data: DemoData, tmp_p
     document |= {"candidate_pool": 10, "max_candidate_pool": 1200}
     document["margin_floors"] = [{"absolute": 0.0, "percent": 0.55}]
     (tmp_path / "policy.yaml").write_text(yaml.safe_dump(document))
-    with TestClient(create_app(settings_for(demo_data, tmp_path, token=None))) as client:
-        answer = client.post("/v1/recommendations", json={**BODY, "limit": 8}).json()
+    with TestClient(create_app(settings_for(demo_data, tmp_path, token=TOKEN))) as client:
+        answer = client.post("/v1/recommendations", json={**BODY, "limit": 8}, headers=AUTH).json()
     assert len(answer["items"]) == 8
     assert answer["trace"]["candidates_considered"] > 10
     assert answer["trace"]["dropped_by_rule"]["BELOW_MARGIN_FLOOR"] > 0
     assert all(item["unit_margin"] >= 0.55 * item["unit_price"] - 1e-9 for item in answer["items"])
+
+
+def test_debug_traces_need_the_admin_token(demo_data: DemoData, tmp_path: Path) -> None:
+    """debug=true shows margins and rule workings: 403 while no admin token is configured,
+    401 without the right one; the plain answer needs no token."""
+    write_policy(tmp_path / "policy.yaml")
+    with TestClient(create_app(settings_for(demo_data, tmp_path, token=None))) as client:
+        off = client.post("/v1/recommendations", json=BODY)
+    with TestClient(create_app(settings_for(demo_data, tmp_path, token=TOKEN))) as client:
+        missing = client.post("/v1/recommendations", json=BODY)
+        wrong = client.post("/v1/recommendations", json=BODY, headers={"Authorization": "Bearer x"})
+        plain = client.post("/v1/recommendations", json={**BODY, "debug": False})
+    assert off.status_code == 403
+    assert "debug traces are admin-only" in off.json()["detail"]
+    assert missing.status_code == 401
+    assert wrong.status_code == 401
+    assert plain.status_code == 200
