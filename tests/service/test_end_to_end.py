@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+import yaml
 from fastapi.testclient import TestClient
 
 from models.data.contract import read_snapshot_dir
@@ -46,7 +48,9 @@ def stressed_snapshot(contract_dir: Path, *, seed: int) -> SnapshotData:
     A tenth of the items are on a live promotion priced just above cost (below the margin
     floor: must be dropped); another tenth have a regular price below the floor and a
     generous promotion that has ended or not begun (must be dropped too); a fifth of the
-    stock rows sit exactly at safety stock.
+    stock rows sit exactly at safety stock. A third of the items ship to home (POS may sell
+    them from the region's DCs), a tenth are age-restricted and a tenth come from the vendor
+    ``STRESS_EXCLUDED_BRAND``, which ``stressed_policy`` excludes.
     """
     base = read_snapshot_dir(contract_dir)
     now = datetime.now(UTC).replace(tzinfo=None)
@@ -58,7 +62,13 @@ def stressed_snapshot(contract_dir: Path, *, seed: int) -> SnapshotData:
         (draw >= 0.15) & (draw < 0.20),
     )
     thin_price = pl.col("unit_cost") * 1.05 + 0.01
+    flags = pl.Series(rng.random(base.items.height))
     items = base.items.with_columns(
+        ship_to_home=pl.Series(rng.random(base.items.height) < 0.33),
+        age_restricted=flags < 0.10,
+        brand=pl.when((flags >= 0.10) & (flags < 0.20))
+        .then(pl.lit(STRESS_EXCLUDED_BRAND))
+        .otherwise(pl.col("brand")),
         unit_price=pl.when(ended | future).then(thin_price).otherwise(pl.col("unit_price")),
         promo_price=pl.when(live)
         .then(thin_price)
@@ -87,20 +97,70 @@ def stressed_snapshot(contract_dir: Path, *, seed: int) -> SnapshotData:
     return SnapshotData(items=items, nodes=base.nodes, inventory=inventory, as_of=base.as_of)
 
 
+STRESS_EXCLUDED_BRAND = "STRESS-EXCLUDED"
+HISTORY_KINDS = {"personal", "replenish"}
+
+
+def stressed_policy(snapshot: SnapshotData, path: Path, *, seed: int) -> Path:
+    """The default policy plus restrictions the stressed snapshot can trip: a few restricted
+    category pairs among the sample's busiest categories, and the stress vendor excluded."""
+    categories = (
+        (snapshot.items.group_by("category").len().sort(["len", "category"], descending=True))
+        .get_column("category")[:12]
+        .to_list()
+    )
+    rng = random.Random(seed)
+    pairs = [rng.sample(categories, 2) for _ in range(4)]
+    document = load_policy().model_dump(mode="json")
+    document["restrictions"]["category_pairs"] = pairs
+    document["restrictions"]["excluded_brands"] = [STRESS_EXCLUDED_BRAND]
+    path.write_text(yaml.safe_dump(document))
+    return path
+
+
 class ConstraintOracle:
-    """The constraints of this slice, checked from the contract tables alone."""
+    """The constraints a shown item must meet, checked from the contract tables alone.
+
+    Split-shipment economics are left to the rules' own tests: which nodes ship the basket
+    is the pipeline's choice, so an oracle could only restate it.
+    """
 
     def __init__(self, snapshot: SnapshotData, policy: Policy) -> None:
         self.policy = policy
         self.items = {row["sku"]: row for row in snapshot.items.to_dicts()}
         self.stock = {(row["sku"], row["node_id"]): row for row in snapshot.inventory.to_dicts()}
         self.nodes = snapshot.nodes.to_dicts()
+        self.restricted = {
+            frozenset(pair) for pair in policy.restrictions.category_pairs if len(set(pair)) == 2
+        } | {frozenset([a]) for a, b in policy.restrictions.category_pairs if a == b}
 
-    def eligible(self, body: dict) -> set[str]:
+    def eligible(self, body: dict, sku: str) -> set[str]:
         if body["channel"] == "pos":
-            return {body["store_id"]}
+            store = body["store_id"]
+            nodes = {store}
+            region = next(node["region"] for node in self.nodes if node["node_id"] == store)
+            if self.items[sku]["ship_to_home"] and self.policy.fulfilment.pos_ships_from_region_dcs:
+                nodes |= {
+                    node["node_id"]
+                    for node in self.nodes
+                    if node["kind"] == "dc" and node["region"] == region
+                }
+            return nodes
         in_region = {node["node_id"] for node in self.nodes if node["region"] == body.get("region")}
         return in_region or {node["node_id"] for node in self.nodes if node["kind"] == "dc"}
+
+    def pairing_violations(self, body: dict, items: list[dict]) -> list[str]:
+        """Restricted category pairs: never with a basket category, nor between two items
+        shown together."""
+        asked = [line["sku"] for line in body.get("basket", [])] + [body.get("sku")]
+        basket = {self.items[sku]["category"] for sku in asked if sku in self.items}
+        problems = []
+        for item in items:
+            category = self.items[item["sku"]]["category"]
+            for other in basket:
+                if frozenset([category, other]) in self.restricted:
+                    problems.append(f"{item['sku']}: {category} may not pair with {other}")
+        return problems
 
     def violations(self, body: dict, item: dict) -> list[str]:
         sku, node = item["sku"], item["fulfillment_node"]
@@ -108,15 +168,24 @@ class ConstraintOracle:
         if sku not in self.items:
             return [f"{sku}: unknown SKU recommended"]
         problems = []
+        master = self.items[sku]
         if sku in asked:
             problems.append(f"{sku}: already in the basket / on screen")
-        if node not in self.eligible(body):
+        if node not in self.eligible(body, sku):
             problems.append(f"{sku}: node {node} not eligible")
+        if (
+            master["age_restricted"]
+            and body["channel"] not in self.policy.restrictions.age_verified_channels
+        ):
+            problems.append(f"{sku}: age-restricted on {body['channel']}")
+        if master["brand"] in self.policy.restrictions.excluded_brands:
+            problems.append(f"{sku}: vendor {master['brand']} excluded")
+        if item["kind"] in HISTORY_KINDS and not body.get("consent"):
+            problems.append(f"{sku}: {item['kind']} shown without consent")
         row = self.stock.get((sku, node))
         quantity = body.get("quantity") or 1
         if row is None or row["atp"] - row["safety_stock"] < quantity:
             problems.append(f"{sku}: stock at {node} does not cover {quantity} above safety")
-        master = self.items[sku]
         now = datetime.now(UTC).replace(tzinfo=None)
         promo_live = (
             master["promo_price"] is not None
@@ -182,6 +251,7 @@ def settings(request: pytest.FixtureRequest, demo_data: DemoData, tmp_path: Path
         redis_prefix=prefix,
         state_dir=tmp_path / "state",
         artifacts_dir=demo_data.artifacts_dir,
+        admin_token="e2e-admin",
         snapshot_refresh_seconds=0,
         log_level="warning",
     )
@@ -190,17 +260,27 @@ def settings(request: pytest.FixtureRequest, demo_data: DemoData, tmp_path: Path
 def test_thousand_random_baskets_break_no_constraint(
     settings: Settings, demo_data: DemoData
 ) -> None:
-    """1,000 real baskets on random channels: no returned item breaks any constraint."""
+    """1,000 real baskets on random channels: no returned item breaks any constraint, and
+    every rule the stressed snapshot and policy can trip has dropped something."""
     snapshot = stressed_snapshot(demo_data.contract_dir, seed=3)
+    policy_path = stressed_policy(snapshot, settings.state_dir.parent / "policy.yaml", seed=3)
+    settings = settings.model_copy(update={"policy_path": policy_path})
     meta = publish(settings, snapshot)
-    oracle = ConstraintOracle(snapshot, load_policy())
+    oracle = ConstraintOracle(snapshot, load_policy(policy_path))
+    kinds: set[str] = set()
+    drops: Counter[str] = Counter()
     shown = 0
     problems: list[str] = []
     with TestClient(create_app(settings)) as client:
         for body in random_bodies(demo_data, snapshot, 1000, seed=11):
-            response = client.post("/v1/recommendations", json=body)
+            response = client.post(
+                "/v1/recommendations",
+                json={**body, "debug": True},
+                headers={"Authorization": "Bearer e2e-admin"},
+            )
             assert response.status_code == 200, (body, response.text)
             answer = response.json()
+            drops.update(answer["trace"]["dropped_by_rule"])
             assert answer["versions"]["snapshot"] == meta.version
             assert len(answer["items"]) <= body["limit"]
             asked = [line["sku"] for line in body.get("basket", [])]
@@ -208,8 +288,21 @@ def test_thousand_random_baskets_break_no_constraint(
             assert set(answer["unknown_skus"]) == unknown
             for item in answer["items"]:
                 shown += 1
+                kinds.add(item["kind"])
                 problems.extend(oracle.violations(body, item))
+            problems.extend(oracle.pairing_violations(body, answer["items"]))
     assert not problems, problems[:10]
+    assert {"cross_sell", "bundle", "personal", "substitute"} <= kinds
+    assert {
+        "IN_BASKET",
+        "RESTRICTED_PAIRING",
+        "AGE_RESTRICTED",
+        "EXCLUDED_VENDOR",
+        "BELOW_MARGIN_FLOOR",
+        "NOT_IN_ASSORTMENT",
+        "NO_STOCK",
+        "SPLIT_SHIPMENT_COST",
+    } <= set(drops), drops
     assert shown > 2000  # the rules must not pass by showing nothing
 
 
