@@ -10,14 +10,21 @@ braces share a hash tag, so that each multi-key operation stays on one Cluster s
     {<p>}:snap:<v>:meta           STRING  SnapshotMeta as JSON (service.store.codec)
     {<p>}:snap:<v>:items          STRING  the items frame as Parquet
     {<p>}:snap:<v>:nodes          STRING  the nodes frame as Parquet
-    {<p>}:inv:log                 STREAM  applied delta batches, for replay at a flip
-    <p>:snap:<v>:atp:{<node_id>}  HASH    sku -> b"<atp>,<safety_stock>,<inbound>[,<as_of_us>]"
+    {<p>}:snap:previous           STRING  "<v> <ms>": the version the last flip left, and when
+    {<p>}:inv:log                 STREAM  delta chunks with new ids, for replay at a flip
+    {<p>}:inv:ids                 HASH    delta_id -> "<log entry id> <fingerprint>": the ledger
+    <p>:snap:<v>:atp:{<node_id>}  HASH    sku -> b"<atp>,<ss>,<inbound>[,<as_of_us>[,<delta_id>]]"
 
-The control keys (pointer, history, metas, tables, delta log) share the slot of ``{<p>}``:
-the pointer flip checks the target's meta and moves history and pointer in one script. Each
-node's stock hash has a slot of its own (tagged by node id), so stock spreads over the
-Cluster's masters. A stock cell without ``as_of_us`` has its version's ``as_of``; a cell set
-by a snapshot row with its own ``as_of``, or by a delta, carries it.
+The control keys (pointers, history, metas, tables, delta log, ledger) share the slot of
+``{<p>}``: the pointer flip checks the target's meta and moves history and pointer in one
+script, and one script checks a chunk's ids against the ledger, logs it and reads the
+pointers. Each node's stock hash has a slot of its own (tagged by node id, the same tag in
+every version), so stock spreads over the Cluster's masters. A stock cell without
+``as_of_us`` has its version's ``as_of``; a cell set by a snapshot row with its own
+``as_of`` carries it, and a cell set by a delta carries its ``as_of`` and its ``delta_id``
+(the cell's place in the (as_of, delta_id) order of ``service.store.deltas``). A ledger
+fingerprint is the first 16 hex digits of the sha1 of the delta's figures (sku, node, atp,
+safety stock, inbound, as_of_us, NUL-joined).
 
 Reading stock
     One pipelined round trip: the meta (existence; ``as_of`` the first time) and one HMGET of
@@ -38,13 +45,13 @@ Publishing ``<v>``
        again to keep packing off the client), ``meta`` last, then verify them (every key
        present, every stock hash holding at least the expected number of SKUs). If
        content-identical ``<v>`` is already whole, only its meta is rewritten.
-    3. Replay the delta log onto ``<v>`` (deltas newer than its rows; see Deltas).
+    3. Replay the delta log onto ``<v>`` (deltas as new as its rows or newer; see Deltas).
     4. Flip: one script checks that ``<v>``'s meta exists, moves ``<v>`` to the front of
        history and sets ``current``. This is the commit point: a reader following
        ``current`` always finds a whole version.
     5. Replay the log entries that arrived since step 3 (see Deltas), then prune history
        past ``keep`` (sparing current and the rollback target): history entry first, then
-       keys; and trim the delta log to what retained versions can still take.
+       keys; and trim the delta log and the ledger to what retained versions can still take.
 
     A failure before the flip leaves ``current`` untouched and deletes, best effort, what
     this publish created (unless ``current`` names it after all: a flip whose reply was
@@ -54,22 +61,38 @@ Publishing ``<v>``
 
 Deltas
     ``apply_deltas`` checks the batch against the current version's items and nodes, then
-    per chunk of at most 2,000 deltas: one script on the control slot appends the chunk to
-    the log and reads ``current`` (atomically), then one script per slot applies the chunk's
-    deltas of that slot to ``current``'s stock hashes, each delta only over an older figure
-    (``service.store.deltas``). A chunk is atomic per slot: on a single Redis the whole
-    chunk, on Cluster each node's share. Every replica reads stock from here at each
-    request, so an applied delta reaches all of them at once.
+    per chunk of at most 2,000 deltas: one script on the control slot checks each id against
+    the ledger (taken with the same figures: a replay; with others: ``conflict``), appends
+    the deltas with new ids to the log and records them in the ledger, and reads ``current``
+    and the previous pointer (atomically); then one script per slot applies the chunk's
+    deltas of that slot to ``current``'s stock hashes, each placed against its cell by
+    (as_of, delta_id) (``service.store.deltas``). Replayed ids go to their cells too: if an
+    earlier attempt was recorded and logged but died before applying, this applies them
+    (reported ``applied``); otherwise the cell holds them or something newer (``duplicate``).
+    A chunk is atomic per slot: on a single Redis the whole chunk, on Cluster each node's
+    share. Every replica reads stock from here at each request, so an applied delta reaches
+    all of them at once.
+
+    Replicas follow the pointer within ``UPSELL_SNAPSHOT_REFRESH_SECONDS`` plus the time to
+    load the new master, and until then read the stock of the version they serve. So for a
+    minute after a flip, each chunk is also applied to the version the flip left (same
+    slots: the tag is the node id; same round trip; outcomes not reported): a sell-out
+    posted just after a publish or a rollback reaches lagging replicas at once too.
 
     A flip must not lose a delta that raced it. The publisher replays the log up to entry X
     onto the new version, flips, then replays the entries after X. An applier logs first and
     reads ``current`` in the same script: if its entry is at or before X, the first replay has
     it; if after X but before the flip, the second; if after the flip, it reads the new
     ``current`` and applies to the new version itself. So a full snapshot supersedes every
-    delta older than its rows, and deltas newer than its rows survive the flip. Replay
-    starts an hour before the version's ``as_of`` (arrival time is the stream id; the hour
-    allows for clocks out of step), and the log is trimmed by the same rule against the
+    delta older than its rows, and deltas as new as its rows or newer survive the flip.
+    Replay starts an hour before the version's ``as_of`` (arrival time is the stream id; the
+    hour allows for clocks out of step), and the log is trimmed by the same rule against the
     oldest retained version: a rollback replays too.
+
+    Retention: at each publish the log is trimmed to entries that arrived at most an hour
+    before the oldest retained version's ``as_of``, and the ledger forgets the ids of the
+    entries trimmed (one HSCAN pass over it, after the flip, off the request path). Between
+    publishes both grow with the deltas (the log also has a fuse of a million entries).
 
 Outages
     Every call is bounded by the client's socket timeouts and raises StoreError when Redis
