@@ -21,6 +21,7 @@ from rules.constraints import CompiledPolicy, compile_policy
 from rules.errors import NotReadyError, StoreError
 from rules.policy import Policy
 from service.store.base import SnapshotMeta, SnapshotStore
+from service.store.last_known import LastKnownStock
 
 log = structlog.get_logger(__name__)
 
@@ -35,6 +36,8 @@ class ServingSnapshot:
     policy: CompiledPolicy
     model_to_catalog: npt.NDArray[np.int64]  # per model item row: catalog position or -1
     catalog_to_model: npt.NDArray[np.int64]  # per catalog position: model item row or -1
+    # Stock cells of this version read recently (policy stock.on_unavailable: last_known).
+    last_known_stock: LastKnownStock
 
 
 def join_model_to_catalog(
@@ -116,13 +119,15 @@ class SnapshotMirror:
                 return
             catalog = catalog_from_items(master.items)
             model_to_catalog, catalog_to_model = join_model_to_catalog(self._artifacts, catalog)
+            nodes = node_table_from_nodes(master.nodes)
             self._serving = ServingSnapshot(
                 meta=master.meta,
                 catalog=catalog,
-                nodes=node_table_from_nodes(master.nodes),
+                nodes=nodes,
                 policy=compile_policy(self._policy, catalog),
                 model_to_catalog=model_to_catalog,
                 catalog_to_model=catalog_to_model,
+                last_known_stock=LastKnownStock(node_count=len(nodes)),
             )
             self.last_error = None
             log.info(

@@ -5,8 +5,10 @@ Deltas are absolute stock figures with an ``as_of`` (see ``service.store.deltas`
 delta comes back ``duplicate``), a delta older than the stored figure is ignored and counted
 (``stale``), and one that contradicts what is stored (another id at the same ``as_of`` that
 sorts after it, or its id taken before with other figures) is refused and counted
-(``conflict``). Every delta that changed nothing is listed with its outcome. The batch is validated whole first: a bad field, a repeated ``delta_id``, or a SKU or
-node the current snapshot does not know refuses it with 422 naming ``deltas[i].field``, and
+(``conflict``). Every delta that changed nothing is listed with its outcome.
+
+The batch is validated whole first: a bad field, a repeated ``delta_id``, or a SKU or node
+the current snapshot does not know refuses it with 422 naming ``deltas[i].field``, and
 nothing is applied. The store being down is 503, as everywhere.
 
 Like every /v1/admin route it needs the admin bearer token (``UPSELL_ADMIN_TOKEN``; 403

@@ -316,8 +316,9 @@ def _against_ledger(
     joined = deltas.join(ledger, on="delta_id", how="left", suffix="_taken", maintain_order="left")
     flags = joined.select(
         pl.col("as_of_us_taken").is_not_null().alias("taken"),
-        pl.all_horizontal(pl.col(name).eq_missing(pl.col(f"{name}_taken")) for name in _FIGURES)
-        .alias("same"),
+        pl.all_horizontal(
+            pl.col(name).eq_missing(pl.col(f"{name}_taken")) for name in _FIGURES
+        ).alias("same"),
     )
     taken = flags.get_column("taken").to_numpy()
     same = flags.get_column("same").to_numpy()

@@ -174,8 +174,7 @@ def test_cli_applies_a_file_and_a_second_run_changes_nothing(
     run_cli(settings, "inventory", "apply", str(path))
     assert "0 applied, 2 duplicate, 0 stale, 0 conflict" in capsys.readouterr().out
     path.write_text(
-        "delta_id,sku,node_id,atp,safety_stock,inbound,as_of\n"
-        f"e1,15036,DC-1,8,,,{as_of}\n"
+        f"delta_id,sku,node_id,atp,safety_stock,inbound,as_of\ne1,15036,DC-1,8,,,{as_of}\n"
     )
     run_cli(settings, "inventory", "apply", str(path))
     output = capsys.readouterr().out
