@@ -738,22 +738,29 @@ class RedisSnapshotStore:
     def _script_call(self, name: str, keys: Sequence[str]) -> _Command:
         return ("EVALSHA", _SCRIPTS[name].sha, len(keys), *keys)
 
-    async def _execute(self, commands: Sequence[_Command]) -> list[Any]:
-        """Run ``commands`` in one pipeline; load the scripts once if Redis lost them."""
+    async def _execute(
+        self, commands: Sequence[_Command], *, errors_from: int | None = None
+    ) -> list[Any]:
+        """Run ``commands`` in one pipeline; load the scripts once if Redis lost them.
+
+        An error reply raises, except one of a command at ``errors_from`` or after, which
+        comes back as its reply (the exception) for the caller to weigh.
+        """
         for attempt in (1, 2):
-            try:
-                async with self._client.pipeline(transaction=False) as pipe:
-                    for command in commands:
-                        pipe.execute_command(*command)
-                    replies: list[Any] = await pipe.execute()
-                    return replies
-            except NoScriptError:
-                if attempt == 2:
-                    raise
+            async with self._client.pipeline(transaction=False) as pipe:
+                for command in commands:
+                    pipe.execute_command(*command)
+                replies: list[Any] = await pipe.execute(raise_on_error=False)
+            if attempt == 1 and any(isinstance(reply, NoScriptError) for reply in replies):
                 # A restarted or flushed Redis (or a new Cluster master) has no scripts yet.
                 # SCRIPT LOAD goes to every master on Cluster.
                 for script in _SCRIPTS.values():
                     await self._client.script_load(script.source)
+                continue
+            for reply in replies[:errors_from]:
+                if isinstance(reply, Exception):
+                    raise reply
+            return replies
         raise AssertionError("unreachable")
 
     def _slot_groups(self, keys: Sequence[str]) -> list[list[int]]:
@@ -932,8 +939,14 @@ class RedisSnapshotStore:
             commands += self._apply_commands(*also, deltas)[0]
         if not commands:
             return outcomes
-        replies = await self._execute(commands)
-        # The first replies are the target's; those for ``also`` only had to succeed.
+        # The first replies are the target's. A failure on ``also`` (a corrupt cell in a
+        # version on its way out) is logged, not raised: it must not block the current one.
+        replies = await self._execute(commands, errors_from=len(command_rows))
+        failed = [reply for reply in replies[len(command_rows) :] if isinstance(reply, Exception)]
+        if failed and also is not None:
+            _log.warning(
+                "lagging_version_deltas_failed", version=also[0], error=str(failed[0])[:400]
+            )
         for indexes, letters in zip(command_rows, replies[: len(command_rows)], strict=True):
             text = _text(letters, key=f"apply_deltas reply for {version}")
             if len(text) != len(indexes):

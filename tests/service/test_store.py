@@ -1281,6 +1281,29 @@ def test_redis_delta_batch_is_atomic_when_a_cell_is_corrupt(
         sync_client.close()
 
 
+def test_redis_corrupt_cell_in_the_version_flipped_from_does_not_block_deltas(
+    redis_prefix: str, redis_client: RedisClientFactory, redis_url: str
+) -> None:
+    """Deltas also go to the version a flip just left; a corrupt cell there is logged, and
+    the current version takes the delta all the same."""
+    sync_client = redis.Redis.from_url(redis_url)
+
+    async def scenario() -> None:
+        async with redis_client() as client:
+            store = RedisSnapshotStore(client, prefix=redis_prefix)
+            first = await store.publish(make_snapshot())
+            await store.publish(make_snapshot(revision=2))
+            sync_client.hset(f"{redis_prefix}:snap:{first.version}:atp:{{S001}}", "SKU-1", b"x")
+            report = await store.apply_deltas(batch(delta("d1", "SKU-1", "S001", 0, minutes=9)))
+            assert report.outcomes == (DeltaOutcome.APPLIED,)
+            assert (await cell(store, "SKU-1", "S001"))[0] == 0
+
+    try:
+        run(scenario())
+    finally:
+        sync_client.close()
+
+
 def test_redis_delta_keys_match_the_documented_layout(
     redis_prefix: str, redis_client: RedisClientFactory, redis_url: str
 ) -> None:
