@@ -16,7 +16,8 @@ SKU ranged at each node with probability ``--density`` (default 100,000 x 500 at
   double the run);
 - memory per replica for the mirrored item master (the ``Catalog`` a replica builds from the
   items frame), by object size and by RSS;
-- inventory deltas: batches of 2,000 applied, deltas per second.
+- inventory deltas: batches of 2,000 applied, deltas per second; batches replayed (all
+  duplicates); the ledger of delta ids and the delta log, bytes per delta.
 
 Writes ``benchmarks/results/snapshots.json`` and prints a summary.
 
@@ -287,13 +288,16 @@ async def hmget_latencies(
 
 
 async def apply_deltas(
-    client: AnyRedis, prefix: str, snapshot: SnapshotData, *, batches: int, seed: int
+    client: AnyRedis, prefix: str, snapshot: SnapshotData, *, batches: int, seed: int, url: str
 ) -> dict[str, float]:
+    """New deltas in batches of 2,000 (ledger check, log, apply), then a few batches sent
+    again (all duplicates: the ledger answers, the cells confirm), and the ledger's size."""
     store = RedisSnapshotStore(client, prefix=prefix, keep=2)
     rng = np.random.default_rng(seed)
     cells = snapshot.inventory.select("sku", "node_id")
     size = 2_000
     elapsed = 0.0
+    sent = []
     for number in range(batches):
         picked = cells[rng.integers(0, cells.height, size)].unique(maintain_order=True)
         frame = picked.with_columns(
@@ -306,11 +310,30 @@ async def apply_deltas(
         report = await store.apply_deltas(batch)
         elapsed += time.perf_counter() - started
         assert report.applied == len(batch), report
+        sent.append(batch)
+    replays = sent[:5]
+    started = time.perf_counter()
+    for batch in replays:
+        report = await store.apply_deltas(batch)
+        assert report.duplicate == len(batch), report
+    replay_elapsed = time.perf_counter() - started
+    sync = redis.Redis.from_url(url)
+    ledger_key = f"{{{prefix}}}:inv:ids"
+    ids = int(sync.hlen(ledger_key))
+    ledger_bytes = int(sync.memory_usage(ledger_key, samples=0) or 0)
+    log_bytes = int(sync.memory_usage(f"{{{prefix}}}:inv:log", samples=0) or 0)
+    sync.close()
+    applied = sum(len(batch) for batch in sent)
     return {
         "batches": batches,
         "deltas_per_batch": size,
-        "deltas_per_s": round(batches * size / elapsed),
+        "deltas_per_s": round(applied / elapsed),
         "ms_per_batch": round(elapsed / batches * 1e3, 1),
+        "replayed_batches": len(replays),
+        "replayed_ms_per_batch": round(replay_elapsed / len(replays) * 1e3, 1),
+        "ledger_ids": ids,
+        "ledger_bytes_per_id": round(ledger_bytes / max(ids, 1), 1),
+        "log_bytes_per_delta": round(log_bytes / max(applied, 1), 1),
     }
 
 
@@ -412,7 +435,7 @@ async def measure_single(args: argparse.Namespace, snapshot: SnapshotData, port:
     sync.close()
     await plain_client.aclose()
     results["mirror_memory"] = await mirror_memory(client, prefix, version)
-    results["deltas"] = await apply_deltas(client, prefix, snapshot, batches=20, seed=5)
+    results["deltas"] = await apply_deltas(client, prefix, snapshot, batches=20, seed=5, url=url)
     await client.aclose()
     return results
 

@@ -153,11 +153,28 @@ class CandidatePolicy(BaseModel):
 
 
 class StockPolicy(BaseModel):
+    """How far stock figures are trusted: by age, and when the stock store cannot be read."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     max_age_seconds: float | None = Field(
         default=None, gt=0, description="ATP older than this is not trusted (None: no limit)."
     )
+    on_unavailable: Literal["closed", "last_known"] = Field(
+        default="closed",
+        description="When stock cannot be read: 'closed' recommends nothing on it; "
+        "'last_known' uses the figures this replica read recently that are at most "
+        "max_age_seconds old (by their as_of), never stock it has not seen.",
+    )
+
+    @model_validator(mode="after")
+    def _last_known_needs_an_age_limit(self) -> StockPolicy:
+        if self.on_unavailable == "last_known" and self.max_age_seconds is None:
+            raise ValueError(
+                "on_unavailable: last_known needs max_age_seconds, the age past which "
+                "remembered figures are no longer trusted"
+            )
+        return self
 
 
 class Policy(BaseModel):

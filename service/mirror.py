@@ -23,6 +23,7 @@ from rules.constraints import CompiledPolicy, compile_policy
 from rules.errors import NotReadyError, StoreError
 from rules.policy import Policy
 from service.store.base import SnapshotMeta, SnapshotStore
+from service.store.last_known import LastKnownStock
 
 log = structlog.get_logger(__name__)
 
@@ -55,6 +56,8 @@ def build_serving_generator(
     return build_generator(
         artifacts, weights, facts=ItemFacts.from_catalog(catalog, model_to_catalog)
     )
+    # Stock cells of this version read recently (policy stock.on_unavailable: last_known).
+    last_known_stock: LastKnownStock
 
 
 def join_model_to_catalog(
@@ -142,10 +145,11 @@ class SnapshotMirror:
             catalog = catalog_from_items(master.items)
             model_to_catalog, catalog_to_model = join_model_to_catalog(self._artifacts, catalog)
             in_catalog = model_to_catalog >= 0
+            nodes = node_table_from_nodes(master.nodes)
             self._serving = ServingSnapshot(
                 meta=master.meta,
                 catalog=catalog,
-                nodes=node_table_from_nodes(master.nodes),
+                nodes=nodes,
                 policy=compile_policy(self._policy, catalog),
                 model_to_catalog=model_to_catalog,
                 catalog_to_model=catalog_to_model,
@@ -160,6 +164,7 @@ class SnapshotMirror:
                         -1,
                     ).astype(np.int64),
                 ),
+                last_known_stock=LastKnownStock(node_count=len(nodes)),
             )
             self.last_error = None
             log.info(

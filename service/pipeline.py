@@ -559,7 +559,9 @@ class Recommender:
         shape (items, eligible nodes), in one round trip.
 
         Fails closed: when stock cannot be read, or a figure is older than the policy trusts,
-        that stock does not exist for this request, and ``degraded`` says why.
+        that stock does not exist for this request, and ``degraded`` says why. Under
+        ``stock.on_unavailable: last_known`` a failed read falls back to the figures this
+        replica read last for these cells (``service.store.last_known``), aged as any other.
         """
         shape = (len(catalog_pos), len(nodes.positions))
         unseen = (
@@ -569,16 +571,26 @@ class Recommender:
         )
         if not shape[0] or not shape[1]:
             return unseen
+        skus = tuple(serving.catalog.skus[int(pos)] for pos in catalog_pos)
+        node_ids = serving.nodes.ids(nodes.positions)
+        remembering = serving.policy.policy.stock.on_unavailable == "last_known"
         try:
-            stock = await self._store.read_stock(
-                serving.meta.version,
-                [serving.catalog.skus[int(pos)] for pos in catalog_pos],
-                serving.nodes.ids(nodes.positions),
-            )
+            stock = await self._store.read_stock(serving.meta.version, skus, node_ids)
         except StoreError as exc:
             log.warning("stock_read_failed", error=str(exc))
-            degraded.append("stock unavailable: nothing recommended on unseen stock")
-            return unseen
+            if not remembering:
+                degraded.append("stock unavailable: nothing recommended on unseen stock")
+                return unseen
+            degraded.append(
+                "stock unavailable: last known figures used, nothing recommended on stock "
+                "this replica has not seen"
+            )
+            stock = serving.last_known_stock.recall(
+                catalog_pos, nodes.positions, skus=skus, node_ids=node_ids
+            )
+        else:
+            if remembering:
+                serving.last_known_stock.remember(catalog_pos, nodes.positions, stock)
         trusted = stock.ranged
         max_age = serving.policy.policy.stock.max_age_seconds
         if max_age is not None:

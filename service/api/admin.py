@@ -1,9 +1,14 @@
 """Admin routes: inventory deltas (``POST /v1/admin/inventory``).
 
-Deltas are absolute stock figures with an ``as_of`` (see ``service.store.deltas``): posting
-the same batch twice changes nothing, and a delta older than the stored figure is ignored and
-counted. The batch is validated whole first: a bad field, a repeated ``delta_id``, or a SKU or
-node the current snapshot does not know refuses it with 422 naming ``deltas[i].field``, and
+Deltas are absolute stock figures with an ``as_of`` (see ``service.store.deltas``); the
+``delta_id`` is the idempotence key: posting the same batch twice changes nothing (every
+delta comes back ``duplicate``), a delta older than the stored figure is ignored and counted
+(``stale``), and one that contradicts what is stored (another id at the same ``as_of`` that
+sorts after it, or its id taken before with other figures) is refused and counted
+(``conflict``). Every delta that changed nothing is listed with its outcome.
+
+The batch is validated whole first: a bad field, a repeated ``delta_id``, or a SKU or node
+the current snapshot does not know refuses it with 422 naming ``deltas[i].field``, and
 nothing is applied. The store being down is 503, as everywhere.
 
 Like every /v1/admin route it needs the admin bearer token (``UPSELL_ADMIN_TOKEN``; 403
@@ -84,14 +89,18 @@ class InventoryDeltasRequest(BaseModel):
 
 class DeltaNotAppliedOut(BaseModel):
     delta_id: str
-    outcome: Literal["duplicate", "stale", "skipped"]
+    outcome: Literal["duplicate", "stale", "conflict", "skipped"]
 
 
 class InventoryDeltasResponse(BaseModel):
     snapshot_version: str = Field(description="The snapshot whose stock the deltas changed.")
     applied: int = Field(description="Deltas newer than the stored figure: they are it now.")
-    duplicate: int = Field(description="Same as_of as the stored figure (a replay): no change.")
+    duplicate: int = Field(description="Delta id taken before (a replay): no change.")
     stale: int = Field(description="Older than the stored figure (arrived late): no change.")
+    conflict: int = Field(
+        description="Contradicts a stored figure (another delta id at the same as_of sorts "
+        "after it, or this id was taken with other figures): no change; resend under a new id."
+    )
     skipped: int = Field(description="Their node or SKU left the snapshot as it flipped.")
     not_applied: list[DeltaNotAppliedOut] = Field(
         description="Every delta that changed nothing, and why."
@@ -134,6 +143,7 @@ async def apply_inventory_deltas(
         applied=report.applied,
         duplicate=report.duplicate,
         stale=report.stale,
+        conflict=report.conflict,
         skipped=report.skipped,
         not_applied=[
             DeltaNotAppliedOut(delta_id=ids[position], outcome=outcome.value)

@@ -97,6 +97,10 @@ class DeltaReport:
         return self.count(DeltaOutcome.STALE)
 
     @property
+    def conflict(self) -> int:
+        return self.count(DeltaOutcome.CONFLICT)
+
+    @property
     def skipped(self) -> int:
         return self.count(DeltaOutcome.SKIPPED)
 
@@ -135,7 +139,9 @@ class SnapshotStore(Protocol):
 
         The whole batch is checked against the current snapshot first (ContractError naming
         the source row for an unknown SKU or node: nothing is applied); SnapshotNotFoundError
-        when nothing is published. A delta applies only when newer than its cell's figure.
+        when nothing is published. A delta id taken before is a duplicate (or a conflict,
+        with other figures); a new one applies only when newer than its cell's figure by
+        (as_of, delta_id).
         """
         ...
 

@@ -40,9 +40,11 @@ def add_inventory_parser(verbs: Any, settings: Settings) -> None:
         description="Columns: delta_id, sku, node_id, atp (absolute units after the change, "
         "not a difference), safety_stock and inbound (optional; empty keeps the stored value), "
         "as_of (ISO 8601; naive = UTC). The file is refused whole, naming row and column, if "
-        "any row is invalid or names a SKU or node the current snapshot does not know. A delta "
-        "applies only when newer than the stock figure it replaces, so applying a file twice "
-        "changes nothing.",
+        "any row is invalid or names a SKU or node the current snapshot does not know. The "
+        "delta_id is the idempotence key: applying a file twice changes nothing (duplicate); "
+        "a new delta applies only when newer than the stock figure it replaces (else stale), "
+        "and one contradicting a stored figure (another id at the same as_of, or its id taken "
+        "before with other figures) is refused (conflict).",
     )
     apply.add_argument("file", type=Path, help="deltas as .csv or .parquet")
     inventory.set_defaults(handler=cmd_inventory)
@@ -66,13 +68,18 @@ async def _apply(path: Path, settings: Settings) -> str:
         await store.close()
     summary = (
         f"{path.name}: {len(batch)} deltas to snapshot {report.version}: "
-        f"{report.applied} applied, {report.duplicate} duplicate, {report.stale} stale"
+        f"{report.applied} applied, {report.duplicate} duplicate, {report.stale} stale, "
+        f"{report.conflict} conflict"
     )
     if report.skipped:
         summary += f", {report.skipped} skipped (a new snapshot flipped in meanwhile)"
     ids = batch.frame.get_column("delta_id").to_list()
-    stale = [ids[i] for i, outcome in enumerate(report.outcomes) if outcome is DeltaOutcome.STALE]
-    if stale:
-        more = f" and {len(stale) - _IDS_SHOWN} more" if len(stale) > _IDS_SHOWN else ""
-        summary += f"\nstale (older than the stored figure): {', '.join(stale[:_IDS_SHOWN])}{more}"
+    for outcome, why in (
+        (DeltaOutcome.STALE, "older than the stored figure"),
+        (DeltaOutcome.CONFLICT, "contradict a stored figure; resend under a new id"),
+    ):
+        named = [ids[i] for i, each in enumerate(report.outcomes) if each is outcome]
+        if named:
+            more = f" and {len(named) - _IDS_SHOWN} more" if len(named) > _IDS_SHOWN else ""
+            summary += f"\n{outcome.value} ({why}): {', '.join(named[:_IDS_SHOWN])}{more}"
     return summary

@@ -6,19 +6,34 @@ delta twice, or an old delta after a newer one, must change nothing, and with in
 replay would count a sale twice. A missing ``safety_stock`` / ``inbound`` keeps the stored
 value (0 for a cell the delta ranges for the first time).
 
-Order and idempotence
-    Every stock cell (sku x node) remembers the ``as_of`` of its figure: its snapshot row's
-    (or the snapshot's) until a delta replaces it. A delta applies only when its ``as_of`` is
-    strictly newer than the cell's; otherwise it is ``duplicate`` (same instant: a replay) or
-    ``stale`` (older: it arrived late), and changes nothing. Ordering per (sku, node) by
-    ``as_of`` is what makes deltas idempotent, so a delta replayed after a snapshot flip, a
-    rollback or a retry is harmless too; ``delta_id`` names each delta in reports and in the
-    delta log, and a batch may name each id once.
+Idempotence: the delta id
+    ``delta_id`` is the idempotence key. Every store keeps a ledger of the ids it has taken
+    (with a fingerprint of each delta's figures): an id seen before with the same figures is
+    a replay and changes nothing (``duplicate``); an id seen before with other figures is
+    refused (``conflict``: an id names one change, so a corrected delta needs a new id).
+    The ledger keeps an id as long as the delta log keeps the delta (see the stores: until
+    every retained snapshot is newer than it). Past that a replay is judged by its cell
+    alone, by the order below, so it is ``duplicate`` or ``stale`` and is never applied over
+    a newer figure: the ledger makes the report exact, the order keeps stock right.
+
+Order per stock cell: (as_of, delta_id)
+    Every stock cell (sku x node) remembers the ``as_of`` of its figure and the id of the
+    delta that set it (none for a snapshot row). A new delta applies when it is newer:
+    its ``as_of`` is later than the cell's, or equal and the cell's figure is a snapshot
+    row's (a change event stamped at the export's instant supersedes the exported row), or
+    equal and its id sorts after the cell's delta id (byte order). Otherwise it changes
+    nothing: ``duplicate`` when the cell holds this very delta, ``conflict`` when another
+    delta set the cell at the same ``as_of`` (which figure is true cannot be told; the
+    greater id stands whichever arrived first), ``stale`` when the cell's figure is newer.
+    Because the order is total and does not depend on arrival, replicas, retries and the
+    replays at a snapshot flip all end with the same figure. Within one batch two deltas
+    for one cell at one ``as_of`` are refused as bad input.
 
 At a snapshot flip
-    A full snapshot supersedes every delta older than its rows; deltas newer than the new
-    version's rows are applied to it from the delta log before (and just after) the pointer
-    flips, so a snapshot exported before a late change cannot undo it. See the stores.
+    A full snapshot supersedes every delta older than its rows; deltas as new as the new
+    version's rows or newer are applied to it from the delta log before (and just after) the
+    pointer flips, so a snapshot exported before a late change cannot undo it. See the
+    stores.
 
 This module is pure: it validates and encodes; the stores apply.
 """
@@ -97,11 +112,14 @@ INVENTORY_DELTAS = TableSpec(
 
 
 class DeltaOutcome(StrEnum):
-    """What applying one delta did."""
+    """What applying one delta did; see the module docstring for the order."""
 
     APPLIED = "applied"  # newer than the stored figure: it is the figure now
-    DUPLICATE = "duplicate"  # the stored figure has the same as_of: a replay, nothing changed
+    DUPLICATE = "duplicate"  # this delta id was taken before (a replay): nothing changed
     STALE = "stale"  # the stored figure is newer: the delta arrived late, nothing changed
+    # Contradicts what is stored: another delta id set the cell at the same as_of, or this
+    # delta id was taken before with other figures. Nothing changed; resend under a new id.
+    CONFLICT = "conflict"
     # Its node or SKU is not in the snapshot the delta reached (a snapshot flipped between
     # validation and writing); nothing changed.
     SKIPPED = "skipped"

@@ -25,11 +25,16 @@ Inventory deltas (``service.store.deltas``) go to a log shared by every version:
 memory, or ``deltas/`` files written by rename, so that a CLI process applies and a server
 process sees them at its next stock read (one ``stat`` of the directory per read). Each
 loaded version merges every batch of the log it has not merged yet before answering; since a
-delta only applies over an older figure, merging is idempotent, and a version published or
-rolled back to after a delta arrived gets it too when the delta is newer than its rows.
-Batches no retained version could still take (every delta at most as new as the oldest
-retained version's ``as_of``) are pruned with the versions, and past 64 batches the log is
-folded into one, so that a read checks a handful of names at most.
+delta only applies over an older figure by (as_of, delta_id), merging is idempotent and
+order-free, and a version published or rolled back to after a delta arrived gets it too when
+the delta is at least as new as its rows. Batches no retained version could still take
+(every delta older than the oldest retained version's ``as_of``) are pruned with the
+versions, and past 64 batches the log is folded into one, so that a read checks a handful of
+names at most.
+
+The ledger of delta ids is the log itself: an id is known while a logged batch holds it, and
+only deltas whose id is new are logged. With a state dir, two processes applying the same id
+at the same moment may both log it; the cell order then makes the second a duplicate.
 """
 
 from __future__ import annotations
@@ -89,6 +94,7 @@ _DELTA_BATCHES_BEFORE_COMPACTION: Final = 64
 
 _CODE_BITS: Final = 32  # cell key = node code << 32 | SKU code: stable as codes are added
 _NEVER: Final = np.iinfo(np.int64).min  # as_of of a cell that does not exist yet
+_ROW_ID: Final = ""  # the delta id of a snapshot row's figure: before every real id
 
 
 class _StockIndex:
@@ -97,7 +103,9 @@ class _StockIndex:
     One ``searchsorted`` answers a whole (skus x nodes) request, with no per-cell Python.
     Deltas change values in place (the event loop is the only writer, and ``read`` does not
     await, so a read never sees half a batch); a delta that ranges a new cell rebuilds the
-    arrays, which is rare.
+    arrays, which is rare. ``delta_ids`` holds, per cell, the id of the delta that set its
+    figure ("" for a snapshot row): with ``as_of_us`` it is the cell's place in the
+    (as_of, delta_id) order of ``service.store.deltas``.
     """
 
     def __init__(
@@ -107,12 +115,14 @@ class _StockIndex:
         node_codes: dict[str, int],
         cell_keys: npt.NDArray[np.int64],
         values: dict[str, npt.NDArray[np.int64]],
+        delta_ids: npt.NDArray[np.object_],
         base_as_of_us: int,
     ) -> None:
         self.sku_codes = sku_codes
         self.node_codes = node_codes
         self.cell_keys = cell_keys  # sorted ascending
         self.values = values  # atp, safety_stock, inbound, as_of_us; aligned with cell_keys
+        self.delta_ids = delta_ids  # str per cell, aligned with cell_keys
         self.base_as_of_us = base_as_of_us
 
     @classmethod
@@ -142,6 +152,7 @@ class _StockIndex:
                 name: np.ascontiguousarray(column.to_numpy().astype(np.int64, copy=False)[order])
                 for name, column in columns.items()
             },
+            delta_ids=np.full(inventory.height, _ROW_ID, dtype=object),
             base_as_of_us=base_as_of_us,
         )
 
@@ -179,10 +190,11 @@ class _StockIndex:
     def apply(self, deltas: pl.DataFrame) -> npt.NDArray[np.int8]:
         """Apply deltas (log columns, any order); per delta an outcome code (_OUTCOME_CODES).
 
-        A delta applies when its as_of is newer than the cell's before this batch; a batch
-        never holds two deltas for one cell at one as_of, so the newest applied delta of each
-        cell is its figure now, and an empty safety stock / inbound takes the value of the
-        latest applied delta that gave one, else the cell's, else 0.
+        Each delta is placed against its cell as it was before this batch, by (as_of,
+        delta_id) (``service.store.deltas``); a batch never holds two deltas for one cell at
+        one as_of, so the newest applied delta of each cell is its figure now, and an empty
+        safety stock / inbound takes the value of the latest applied delta that gave one,
+        else the cell's, else 0.
         """
         if not deltas.height:
             return np.empty(0, np.int8)
@@ -204,15 +216,22 @@ class _StockIndex:
         current_as_of = np.where(
             exists, self.values["as_of_us"][safe_position] if size else _NEVER, _NEVER
         )
+        current_id = np.where(exists, self.delta_ids[safe_position] if size else _ROW_ID, _ROW_ID)
         delta_as_of = deltas.get_column("as_of_us").to_numpy()
-        outcome = np.where(
-            delta_as_of > current_as_of,
-            _OUTCOME_CODES[DeltaOutcome.APPLIED],
-            np.where(
-                delta_as_of == current_as_of,
+        delta_id = deltas.get_column("delta_id").to_numpy().astype(object)
+        same_instant = delta_as_of == current_as_of
+        outcome = np.select(
+            [
+                (delta_as_of > current_as_of) | (same_instant & (delta_id > current_id)),
+                same_instant & (delta_id == current_id),
+                same_instant,
+            ],
+            [
+                _OUTCOME_CODES[DeltaOutcome.APPLIED],
                 _OUTCOME_CODES[DeltaOutcome.DUPLICATE],
-                _OUTCOME_CODES[DeltaOutcome.STALE],
-            ),
+                _OUTCOME_CODES[DeltaOutcome.CONFLICT],
+            ],
+            _OUTCOME_CODES[DeltaOutcome.STALE],
         ).astype(np.int8)
         applied = outcome == _OUTCOME_CODES[DeltaOutcome.APPLIED]
         if not applied.any():
@@ -223,7 +242,7 @@ class _StockIndex:
             return np.where(exists, stored, 0)
 
         latest = (
-            deltas.select("atp", "safety_stock", "inbound", "as_of_us")
+            deltas.select("delta_id", "atp", "safety_stock", "inbound", "as_of_us")
             .with_columns(
                 key=pl.Series(keys),
                 exists=pl.Series(exists),
@@ -235,6 +254,7 @@ class _StockIndex:
             .sort("key", "as_of_us")
             .group_by("key", maintain_order=True)
             .agg(
+                pl.col("delta_id").last(),
                 pl.col("atp").last(),
                 pl.col("as_of_us").last(),
                 pl.col("safety_stock").drop_nulls().last(),
@@ -255,6 +275,7 @@ class _StockIndex:
             at = updates.get_column("position").to_numpy()
             for name in names:
                 self.values[name][at] = updates.get_column(name).to_numpy()
+            self.delta_ids[at] = updates.get_column("delta_id").to_numpy()
         additions = latest.filter(~pl.col("exists"))
         if additions.height:
             cell_keys = np.concatenate([self.cell_keys, additions.get_column("key").to_numpy()])
@@ -268,11 +289,43 @@ class _StockIndex:
                 )
                 for name in names
             }
+            added_ids = additions.get_column("delta_id").to_numpy().astype(object)
+            self.delta_ids = np.concatenate([self.delta_ids, added_ids])[order]
         return outcome
 
 
 _OUTCOME_CODES: Final = {outcome: code for code, outcome in enumerate(DeltaOutcome)}
 _OUTCOMES_BY_CODE: Final = tuple(DeltaOutcome)
+_LOG_SCHEMA: Final = {
+    "delta_id": pl.String(),
+    "sku": pl.String(),
+    "node_id": pl.String(),
+    "atp": pl.Int64(),
+    "safety_stock": pl.Int64(),
+    "inbound": pl.Int64(),
+    "as_of_us": pl.Int64(),
+}
+_FIGURES: Final = tuple(name for name in _LOG_SCHEMA if name != "delta_id")
+
+
+def _against_ledger(
+    deltas: pl.DataFrame, ledger: pl.DataFrame
+) -> tuple[npt.NDArray[np.int8], npt.NDArray[np.bool_]]:
+    """Per delta an outcome code for ids the ledger holds (duplicate with the same figures,
+    conflict with others), and the mask of the new ids, whose outcome is for the cell to say."""
+    joined = deltas.join(ledger, on="delta_id", how="left", suffix="_taken", maintain_order="left")
+    flags = joined.select(
+        pl.col("as_of_us_taken").is_not_null().alias("taken"),
+        pl.all_horizontal(
+            pl.col(name).eq_missing(pl.col(f"{name}_taken")) for name in _FIGURES
+        ).alias("same"),
+    )
+    taken = flags.get_column("taken").to_numpy()
+    same = flags.get_column("same").to_numpy()
+    codes = np.where(
+        same, _OUTCOME_CODES[DeltaOutcome.DUPLICATE], _OUTCOME_CODES[DeltaOutcome.CONFLICT]
+    ).astype(np.int8)
+    return codes, ~taken
 
 
 @dataclass(eq=False)
@@ -651,6 +704,8 @@ class InProcessStore:
             self._shelf = self._directory
         # Publish and rollback read, then write the history; one at a time per instance.
         self._writer_lock = asyncio.Lock()
+        self._ledger_names: tuple[str, ...] = ()
+        self._ledger_frame = pl.DataFrame(schema=_LOG_SCHEMA)
 
     def __repr__(self) -> str:
         return f"InProcessStore(state_dir={self._state_dir!r}, keep={self._keep})"
@@ -719,14 +774,13 @@ class InProcessStore:
         return loaded.stock.read(skus, node_ids)
 
     async def apply_deltas(self, batch: DeltaBatch) -> DeltaReport:
-        """Check the batch against the current version, log it, then merge it into that version.
+        """Check the batch against the current version and the ledger, log the deltas whose
+        id is new, then merge them into that version.
 
-        The batch is logged whole before it is merged, so other versions (and other
-        processes sharing the state dir) pick it up at their next read.
+        The new deltas are logged whole before they are merged, so other versions (and other
+        processes sharing the state dir) pick them up at their next read.
         """
-        deltas = batch.with_as_of_us().select(
-            "delta_id", "sku", "node_id", "atp", "safety_stock", "inbound", "as_of_us"
-        )
+        deltas = batch.with_as_of_us().select(*_LOG_SCHEMA)
         async with self._writer_lock:
             with self._os_errors("apply_deltas"):
                 version = self._shelf.read_pointer()
@@ -742,10 +796,12 @@ class InProcessStore:
                     known_skus=loaded.items.get_column("sku"),
                     known_node_ids=loaded.nodes.get_column("node_id"),
                 )
-                logged = _LoggedBatch(name=_batch_name(), deltas=deltas)
-                self._shelf.log_deltas(logged)
-                codes = loaded.merge(logged)
-                self._compact_delta_log()
+                codes, fresh = _against_ledger(deltas, self._ledger())
+                if fresh.any():
+                    logged = _LoggedBatch(name=_batch_name(), deltas=deltas.filter(fresh))
+                    self._shelf.log_deltas(logged)
+                    codes[fresh] = loaded.merge(logged)
+                    self._compact_delta_log()
         return DeltaReport(
             version=version, outcomes=tuple(_OUTCOMES_BY_CODE[code] for code in codes)
         )
@@ -769,6 +825,27 @@ class InProcessStore:
             return cached
         return await asyncio.to_thread(self._shelf.load, version)
 
+    def _ledger(self) -> pl.DataFrame:
+        """Every delta id the log holds, with the figures it was first taken with."""
+        batches = self._shelf.delta_batches()
+        names = tuple(batch.name for batch in batches)
+        if names != self._ledger_names:
+            known = len(self._ledger_names)
+            if names[:known] == self._ledger_names:  # the log only grew: add the new batches
+                frames = [
+                    self._ledger_frame,
+                    *(batch.deltas.select(*_LOG_SCHEMA) for batch in batches[known:]),
+                ]
+            else:  # pruned or folded: rebuild from what it holds now
+                frames = [batch.deltas.select(*_LOG_SCHEMA) for batch in batches]
+            self._ledger_frame = (
+                pl.concat(frames).unique("delta_id", keep="first", maintain_order=True)
+                if frames
+                else pl.DataFrame(schema=_LOG_SCHEMA)
+            )
+            self._ledger_names = names
+        return self._ledger_frame
+
     def _merge_logged_deltas(self, loaded: _LoadedVersion) -> None:
         for logged in self._shelf.delta_batches():
             if logged.name not in loaded.merged:
@@ -787,13 +864,14 @@ class InProcessStore:
             self._shelf.remove_deltas(
                 batch.name
                 for batch in self._shelf.delta_batches()
-                if batch.newest_as_of_us <= oldest_us
+                if batch.newest_as_of_us < oldest_us
             )
         except (OSError, StoreError) as exc:
             _log.warning("delta_log_prune_failed", error=str(exc))
 
     def _oldest_retained_as_of_us(self) -> int:
-        """Deltas at most this new can beat no row of any retained version."""
+        """Deltas older than this can beat no row of any retained version (one as old can:
+        a delta stamped at a snapshot's instant supersedes its row)."""
         retained = self._shelf.metas()
         return min((epoch_us(meta.as_of) for meta in retained), default=_NEVER)
 
@@ -809,7 +887,7 @@ class InProcessStore:
             return
         oldest_us = self._oldest_retained_as_of_us()
         folded = pl.concat([batch.deltas for batch in batches]).filter(
-            pl.col("as_of_us") > oldest_us
+            pl.col("as_of_us") >= oldest_us
         )
         if folded.height:
             self._shelf.log_deltas(_LoggedBatch(name=_batch_name(), deltas=folded))

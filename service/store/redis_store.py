@@ -10,14 +10,21 @@ braces share a hash tag, so that each multi-key operation stays on one Cluster s
     {<p>}:snap:<v>:meta           STRING  SnapshotMeta as JSON (service.store.codec)
     {<p>}:snap:<v>:items          STRING  the items frame as Parquet
     {<p>}:snap:<v>:nodes          STRING  the nodes frame as Parquet
-    {<p>}:inv:log                 STREAM  applied delta batches, for replay at a flip
-    <p>:snap:<v>:atp:{<node_id>}  HASH    sku -> b"<atp>,<safety_stock>,<inbound>[,<as_of_us>]"
+    {<p>}:snap:previous           STRING  "<v> <ms>": the version the last flip left, and when
+    {<p>}:inv:log                 STREAM  delta chunks with new ids, for replay at a flip
+    {<p>}:inv:ids                 HASH    delta_id -> "<log entry id> <fingerprint>": the ledger
+    <p>:snap:<v>:atp:{<node_id>}  HASH    sku -> b"<atp>,<ss>,<inbound>[,<as_of_us>[,<delta_id>]]"
 
-The control keys (pointer, history, metas, tables, delta log) share the slot of ``{<p>}``:
-the pointer flip checks the target's meta and moves history and pointer in one script. Each
-node's stock hash has a slot of its own (tagged by node id), so stock spreads over the
-Cluster's masters. A stock cell without ``as_of_us`` has its version's ``as_of``; a cell set
-by a snapshot row with its own ``as_of``, or by a delta, carries it.
+The control keys (pointers, history, metas, tables, delta log, ledger) share the slot of
+``{<p>}``: the pointer flip checks the target's meta and moves history and pointer in one
+script, and one script checks a chunk's ids against the ledger, logs it and reads the
+pointers. Each node's stock hash has a slot of its own (tagged by node id, the same tag in
+every version), so stock spreads over the Cluster's masters. A stock cell without
+``as_of_us`` has its version's ``as_of``; a cell set by a snapshot row with its own
+``as_of`` carries it, and a cell set by a delta carries its ``as_of`` and its ``delta_id``
+(the cell's place in the (as_of, delta_id) order of ``service.store.deltas``). A ledger
+fingerprint is the first 16 hex digits of the sha1 of the delta's figures (sku, node, atp,
+safety stock, inbound, as_of_us, NUL-joined).
 
 Reading stock
     One pipelined round trip: the meta (existence; ``as_of`` the first time) and one HMGET of
@@ -38,13 +45,13 @@ Publishing ``<v>``
        again to keep packing off the client), ``meta`` last, then verify them (every key
        present, every stock hash holding at least the expected number of SKUs). If
        content-identical ``<v>`` is already whole, only its meta is rewritten.
-    3. Replay the delta log onto ``<v>`` (deltas newer than its rows; see Deltas).
+    3. Replay the delta log onto ``<v>`` (deltas as new as its rows or newer; see Deltas).
     4. Flip: one script checks that ``<v>``'s meta exists, moves ``<v>`` to the front of
        history and sets ``current``. This is the commit point: a reader following
        ``current`` always finds a whole version.
     5. Replay the log entries that arrived since step 3 (see Deltas), then prune history
        past ``keep`` (sparing current and the rollback target): history entry first, then
-       keys; and trim the delta log to what retained versions can still take.
+       keys; and trim the delta log and the ledger to what retained versions can still take.
 
     A failure before the flip leaves ``current`` untouched and deletes, best effort, what
     this publish created (unless ``current`` names it after all: a flip whose reply was
@@ -54,22 +61,38 @@ Publishing ``<v>``
 
 Deltas
     ``apply_deltas`` checks the batch against the current version's items and nodes, then
-    per chunk of at most 2,000 deltas: one script on the control slot appends the chunk to
-    the log and reads ``current`` (atomically), then one script per slot applies the chunk's
-    deltas of that slot to ``current``'s stock hashes, each delta only over an older figure
-    (``service.store.deltas``). A chunk is atomic per slot: on a single Redis the whole
-    chunk, on Cluster each node's share. Every replica reads stock from here at each
-    request, so an applied delta reaches all of them at once.
+    per chunk of at most 2,000 deltas: one script on the control slot checks each id against
+    the ledger (taken with the same figures: a replay; with others: ``conflict``), appends
+    the deltas with new ids to the log and records them in the ledger, and reads ``current``
+    and the previous pointer (atomically); then one script per slot applies the chunk's
+    deltas of that slot to ``current``'s stock hashes, each placed against its cell by
+    (as_of, delta_id) (``service.store.deltas``). Replayed ids go to their cells too: if an
+    earlier attempt was recorded and logged but died before applying, this applies them
+    (reported ``applied``); otherwise the cell holds them or something newer (``duplicate``).
+    A chunk is atomic per slot: on a single Redis the whole chunk, on Cluster each node's
+    share. Every replica reads stock from here at each request, so an applied delta reaches
+    all of them at once.
+
+    Replicas follow the pointer within ``UPSELL_SNAPSHOT_REFRESH_SECONDS`` plus the time to
+    load the new master, and until then read the stock of the version they serve. So for a
+    minute after a flip, each chunk is also applied to the version the flip left (same
+    slots: the tag is the node id; same round trip; outcomes not reported): a sell-out
+    posted just after a publish or a rollback reaches lagging replicas at once too.
 
     A flip must not lose a delta that raced it. The publisher replays the log up to entry X
     onto the new version, flips, then replays the entries after X. An applier logs first and
     reads ``current`` in the same script: if its entry is at or before X, the first replay has
     it; if after X but before the flip, the second; if after the flip, it reads the new
     ``current`` and applies to the new version itself. So a full snapshot supersedes every
-    delta older than its rows, and deltas newer than its rows survive the flip. Replay
-    starts an hour before the version's ``as_of`` (arrival time is the stream id; the hour
-    allows for clocks out of step), and the log is trimmed by the same rule against the
+    delta older than its rows, and deltas as new as its rows or newer survive the flip.
+    Replay starts an hour before the version's ``as_of`` (arrival time is the stream id; the
+    hour allows for clocks out of step), and the log is trimmed by the same rule against the
     oldest retained version: a rollback replays too.
+
+    Retention: at each publish the log is trimmed to entries that arrived at most an hour
+    before the oldest retained version's ``as_of``, and the ledger forgets the ids of the
+    entries trimmed (one HSCAN pass over it, after the flip, off the request path). Between
+    publishes both grow with the deltas (the log also has a fuse of a million entries).
 
 Outages
     Every call is bounded by the client's socket timeouts and raises StoreError when Redis
@@ -144,6 +167,11 @@ _DELTAS_PER_CHUNK: Final = 2_000  # deltas per log entry and per apply script ca
 _LOG_ENTRIES_PER_READ: Final = 200
 _LOG_MAX_ENTRIES: Final = 1_000_000  # a memory fuse only; trimming by age is the rule
 _REPLAY_MARGIN_MS: Final = 3_600_000  # arrival (stream id) may precede as_of by clock skew
+# For this long after a flip, deltas also go to the version flipped from: replicas follow the
+# pointer within UPSELL_SNAPSHOT_REFRESH_SECONDS plus the time to load a master, and read
+# stock of the version they serve meanwhile.
+_LAGGING_REPLICA_GRACE_MS: Final = 60_000
+_LEDGER_ENTRIES_PER_SCAN: Final = 1_000
 _KEYS_PER_SCAN: Final = 1_000
 _CACHED_VERSIONS: Final = 8
 _MAX_ERROR_DETAIL: Final = 400
@@ -204,17 +232,33 @@ return redis.call('HLEN', KEYS[1])
 """
 )
 
+# Byte order, whatever the server's locale (Lua's '<' on strings uses strcoll, and Redis sets
+# LC_COLLATE from its environment): the order of delta ids must be the same everywhere.
+_LUA_BYTES_AFTER: Final = """
+local function bytes_after(a, b)
+  local n = math.min(#a, #b)
+  for i = 1, n do
+    local x, y = string.byte(a, i), string.byte(b, i)
+    if x ~= y then return x > y end
+  end
+  return #a > #b
+end
+"""
+
 # KEYS: stock hashes (one slot). ARGV[1]: the version's as_of_us (cells without their own).
-# ARGV[2]: per delta, key index, sku, atp, safety stock, inbound ('' = keep), as_of_us, joined
-# by NUL, sorted by as_of. Returns one letter per delta: a(pplied), d(uplicate), s(tale).
+# ARGV[2]: per delta, key index, sku, atp, safety stock, inbound ('' = keep), as_of_us and
+# delta id, joined by NUL, sorted by as_of. Returns one letter per delta: a(pplied),
+# d(uplicate: the cell holds this delta), c(onflict: another id at the same as_of sorts
+# after it), s(tale). The order is (as_of, delta id), a snapshot row's id '' before all.
 # Decides everything before writing anything, so a corrupt cell fails the call whole.
 _APPLY_DELTAS: Final = (
     _LUA_SPLIT
+    + _LUA_BYTES_AFTER
     + """
 local base = tonumber(ARGV[1])
 local fields = split(ARGV[2], '\\0')
 local cells, writes, order, outcomes = {}, {}, {}, {}
-for first = 1, #fields - 5, 6 do
+for first = 1, #fields - 6, 7 do
   local key = KEYS[tonumber(fields[first])]
   local sku = fields[first + 1]
   local id = key .. '\\0' .. sku
@@ -222,33 +266,39 @@ for first = 1, #fields - 5, 6 do
   if cell == nil then
     local raw = redis.call('HGET', key, sku)
     if raw then
-      local atp, ss, inb = string.match(raw, '^(%d+),(%d+),(%d+)$')
-      local at = nil
+      local atp, ss, inb, at, by = string.match(raw, '^(%d+),(%d+),(%d+),(%-?%d+),([^,]+)$')
       if not atp then
         atp, ss, inb, at = string.match(raw, '^(%d+),(%d+),(%d+),(%-?%d+)$')
+      end
+      if not atp then
+        atp, ss, inb = string.match(raw, '^(%d+),(%d+),(%d+)$')
       end
       if not atp then
         return redis.error_reply('UPSELL stock payload at ' .. key .. ' field ' .. sku ..
           ' does not decode: ' .. raw)
       end
-      cell = {as_of = at and tonumber(at) or base, ss = ss, inb = inb}
+      cell = {as_of = at and tonumber(at) or base, by = by or '', ss = ss, inb = inb}
     else
-      cell = {as_of = nil, ss = '0', inb = '0'}
+      cell = {as_of = nil, by = '', ss = '0', inb = '0'}
     end
     cells[id] = cell
   end
-  local as_of_text = fields[first + 5]
+  local as_of_text, delta_id = fields[first + 5], fields[first + 6]
   local as_of = tonumber(as_of_text)
-  if cell.as_of == nil or as_of > cell.as_of then
+  if cell.as_of == nil or as_of > cell.as_of or
+      (as_of == cell.as_of and bytes_after(delta_id, cell.by)) then
     local ss, inb = fields[first + 3], fields[first + 4]
     if ss == '' then ss = cell.ss end
     if inb == '' then inb = cell.inb end
-    cell.as_of, cell.ss, cell.inb = as_of, ss, inb
+    cell.as_of, cell.by, cell.ss, cell.inb = as_of, delta_id, ss, inb
     if writes[id] == nil then order[#order + 1] = id end
-    writes[id] = {key, sku, fields[first + 2] .. ',' .. ss .. ',' .. inb .. ',' .. as_of_text}
+    writes[id] = {key, sku,
+      fields[first + 2] .. ',' .. ss .. ',' .. inb .. ',' .. as_of_text .. ',' .. delta_id}
     outcomes[#outcomes + 1] = 'a'
-  elseif as_of == cell.as_of then
+  elseif as_of == cell.as_of and delta_id == cell.by then
     outcomes[#outcomes + 1] = 'd'
+  elseif as_of == cell.as_of then
+    outcomes[#outcomes + 1] = 'c'
   else
     outcomes[#outcomes + 1] = 's'
   end
@@ -261,28 +311,75 @@ return table.concat(outcomes)
 """
 )
 
-# KEYS[1]: the delta log, KEYS[2]: the pointer. ARGV: payload, count, max entries.
-# Appending and reading the pointer in one script is what makes replay at a flip complete.
-_LOG_DELTAS: Final = """
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'd', ARGV[1], 'n', ARGV[2])
-return {id, redis.call('GET', KEYS[2]) or ''}
+# KEYS: the delta log, the pointer, the ledger of delta ids, the previous pointer.
+# ARGV: the chunk (service.store.deltas log payload: 7 fields per delta), max log entries,
+# and how long after a flip (ms) the version flipped from still gets deltas.
+# Per delta one letter: n(ew id), d(taken before with the same figures: a replay),
+# c(taken before with other figures). Only new ids are logged, and recorded in the ledger
+# with their log entry and a fingerprint of their figures. Recording, logging and reading
+# the pointers in one script is what makes both idempotence and replay at a flip complete.
+# Returns {log entry id or '', current or '', letters, version flipped from or ''}.
+_LOG_DELTAS: Final = (
+    _LUA_SPLIT
+    + """
+local fields = split(ARGV[1], '\\0')
+local letters, fresh, fresh_ids, prints = {}, {}, {}, {}
+for first = 1, #fields - 6, 7 do
+  local id = fields[first]
+  local print = string.sub(redis.sha1hex(table.concat(fields, '\\0', first + 1, first + 6)), 1, 16)
+  local taken = redis.call('HGET', KEYS[3], id)
+  if taken then
+    if string.sub(taken, -16) == print then
+      letters[#letters + 1] = 'd'
+    else
+      letters[#letters + 1] = 'c'
+    end
+  else
+    letters[#letters + 1] = 'n'
+    for i = first, first + 6 do fresh[#fresh + 1] = fields[i] end
+    fresh_ids[#fresh_ids + 1] = id
+    prints[#prints + 1] = print
+  end
+end
+local entry = ''
+if #fresh_ids > 0 then
+  entry = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*',
+    'd', table.concat(fresh, '\\0'), 'n', #fresh_ids)
+  for i, id in ipairs(fresh_ids) do
+    redis.call('HSET', KEYS[3], id, entry .. ' ' .. prints[i])
+  end
+end
+local lagging = ''
+local previous = redis.call('GET', KEYS[4])
+if previous then
+  local version, flipped_ms = string.match(previous, '^(%S+) (%d+)$')
+  local now = redis.call('TIME')
+  local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+  if version and now_ms - tonumber(flipped_ms) <= tonumber(ARGV[3]) then lagging = version end
+end
+return {entry, redis.call('GET', KEYS[2]) or '', table.concat(letters), lagging}
 """
+)
 
-# KEYS: pointer, history, the target's meta. ARGV: target, 'publish' | 'rollback', and for a
-# rollback the version current is expected to be (compare and set).
+# KEYS: pointer, history, the target's meta, the previous pointer. ARGV: target, 'publish' |
+# 'rollback', and for a rollback the version current is expected to be (compare and set).
+# The previous pointer records the version flipped from and when (server clock, ms).
 _FLIP: Final = """
 if redis.call('EXISTS', KEYS[3]) == 0 then
   return redis.error_reply('UPSELL cannot point at ' .. ARGV[1] .. ': ' .. KEYS[3] .. ' is gone')
 end
+local current = redis.call('GET', KEYS[1]) or ''
 if ARGV[2] == 'publish' then
   redis.call('LREM', KEYS[2], 0, ARGV[1])
   redis.call('LPUSH', KEYS[2], ARGV[1])
-else
-  local current = redis.call('GET', KEYS[1]) or ''
-  if current ~= ARGV[3] then
-    return redis.error_reply('UPSELL current moved from ' .. ARGV[3] .. ' to ' .. current ..
-      ' during the rollback')
-  end
+elseif current ~= ARGV[3] then
+  return redis.error_reply('UPSELL current moved from ' .. ARGV[3] .. ' to ' .. current ..
+    ' during the rollback')
+end
+if current ~= '' and current ~= ARGV[1] then
+  local now = redis.call('TIME')
+  local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+  redis.call('SET', KEYS[4], current .. ' ' .. now_ms)
 end
 redis.call('SET', KEYS[1], ARGV[1])
 return 'OK'
@@ -312,6 +409,7 @@ _SCRIPTS: Final = {
 _OUTCOME_BY_LETTER: Final = {
     "a": DeltaOutcome.APPLIED,
     "d": DeltaOutcome.DUPLICATE,
+    "c": DeltaOutcome.CONFLICT,
     "s": DeltaOutcome.STALE,
 }
 
@@ -385,6 +483,14 @@ class RedisSnapshotStore:
     @property
     def _log_key(self) -> str:
         return self._control_key("inv", "log")
+
+    @property
+    def _ledger_key(self) -> str:
+        return self._control_key("inv", "ids")
+
+    @property
+    def _previous_key(self) -> str:
+        return self._control_key("snap", "previous")
 
     def _meta_key(self, version: str) -> str:
         return self._control_key("snap", version, "meta")
@@ -544,7 +650,8 @@ class RedisSnapshotStore:
         return _stock_matrix(skus, node_ids, columns, stock_keys, base_as_of_us=base_as_of_us)
 
     async def apply_deltas(self, batch: DeltaBatch) -> DeltaReport:
-        """Check the batch against the current version, then log and apply it in chunks."""
+        """Check the batch against the current version, then per chunk: check the ids against
+        the ledger and log the new ones, then apply them (see the module docstring)."""
         deltas = batch.with_as_of_us().sort("as_of_us", maintain_order=True)
         with self._redis_errors("apply_deltas"):
             current = await self._get_current()
@@ -560,25 +667,55 @@ class RedisSnapshotStore:
         with self._redis_errors("apply_deltas"):
             for start in range(0, deltas.height, _DELTAS_PER_CHUNK):
                 chunk = deltas.slice(start, _DELTAS_PER_CHUNK)
+                keys = [self._log_key, self._current_key, self._ledger_key, self._previous_key]
                 (logged,) = await self._execute(
                     [
                         (
-                            *self._script_call("log_deltas", [self._log_key, self._current_key]),
+                            *self._script_call("log_deltas", keys),
                             encode_log_payload(chunk),
-                            chunk.height,
                             _LOG_MAX_ENTRIES,
+                            _LAGGING_REPLICA_GRACE_MS,
                         )
                     ]
                 )
-                raw_target = logged[1]
+                _, raw_target, raw_letters, raw_lagging = logged
                 target = _text(raw_target, key=self._current_key) or current
+                letters = _text(raw_letters, key=f"log_deltas reply for {self._ledger_key}")
+                if len(letters) != chunk.height:
+                    raise StoreError(
+                        f"log_deltas answered {len(letters)} outcomes for {chunk.height} deltas"
+                    )
                 target_refs = refs if target == current else await self._refs(target)
-                chunk_outcomes = await self._apply_to_version(target, target_refs, chunk)
-                for position, outcome in zip(
-                    chunk.get_column("position").to_list(), chunk_outcomes, strict=True
-                ):
-                    outcomes[position] = outcome
+                lagging = await self._lagging(
+                    _text(raw_lagging, key=self._previous_key), target=target
+                )
+                # Ids taken before with other figures change nothing. Ids taken with the same
+                # figures go to the cells again: if an earlier attempt logged them and died
+                # before applying, this applies them; else the cell says it holds them.
+                retried = [letter != "c" for letter in letters]
+                to_apply = chunk.filter(pl.Series(retried))
+                cell_outcomes = iter(
+                    await self._apply_to_version(target, target_refs, to_apply, also=lagging)
+                )
+                positions = chunk.get_column("position").to_list()
+                for position, letter in zip(positions, letters, strict=True):
+                    if letter == "c":
+                        outcomes[position] = DeltaOutcome.CONFLICT
+                        continue
+                    cell = next(cell_outcomes)
+                    taken = letter == "d" and cell is not DeltaOutcome.APPLIED
+                    outcomes[position] = DeltaOutcome.DUPLICATE if taken else cell
         return DeltaReport(version=target, outcomes=tuple(outcomes))
+
+    async def _lagging(self, version: str, *, target: str) -> tuple[str, _VersionRefs] | None:
+        """The version flipped from moments ago, which replicas may still serve, with its
+        refs; None when there is none (or it is gone: pruned, or never whole)."""
+        if not version or version == target:
+            return None
+        try:
+            return version, await self._refs(version)
+        except SnapshotNotFoundError:
+            return None
 
     async def ping(self) -> bool:
         """True when Redis (every Cluster node) answers PING within the client's timeouts.
@@ -601,22 +738,29 @@ class RedisSnapshotStore:
     def _script_call(self, name: str, keys: Sequence[str]) -> _Command:
         return ("EVALSHA", _SCRIPTS[name].sha, len(keys), *keys)
 
-    async def _execute(self, commands: Sequence[_Command]) -> list[Any]:
-        """Run ``commands`` in one pipeline; load the scripts once if Redis lost them."""
+    async def _execute(
+        self, commands: Sequence[_Command], *, errors_from: int | None = None
+    ) -> list[Any]:
+        """Run ``commands`` in one pipeline; load the scripts once if Redis lost them.
+
+        An error reply raises, except one of a command at ``errors_from`` or after, which
+        comes back as its reply (the exception) for the caller to weigh.
+        """
         for attempt in (1, 2):
-            try:
-                async with self._client.pipeline(transaction=False) as pipe:
-                    for command in commands:
-                        pipe.execute_command(*command)
-                    replies: list[Any] = await pipe.execute()
-                    return replies
-            except NoScriptError:
-                if attempt == 2:
-                    raise
+            async with self._client.pipeline(transaction=False) as pipe:
+                for command in commands:
+                    pipe.execute_command(*command)
+                replies: list[Any] = await pipe.execute(raise_on_error=False)
+            if attempt == 1 and any(isinstance(reply, NoScriptError) for reply in replies):
                 # A restarted or flushed Redis (or a new Cluster master) has no scripts yet.
                 # SCRIPT LOAD goes to every master on Cluster.
                 for script in _SCRIPTS.values():
                     await self._client.script_load(script.source)
+                continue
+            for reply in replies[:errors_from]:
+                if isinstance(reply, Exception):
+                    raise reply
+            return replies
         raise AssertionError("unreachable")
 
     def _slot_groups(self, keys: Sequence[str]) -> list[list[int]]:
@@ -676,7 +820,7 @@ class RedisSnapshotStore:
         )
 
     async def _flip(self, version: str, *, mode: str, expected: str | None) -> None:
-        keys = [self._current_key, self._history_key, self._meta_key(version)]
+        keys = [self._current_key, self._history_key, self._meta_key(version), self._previous_key]
         await self._execute([(*self._script_call("flip", keys), version, mode, expected or "")])
 
     async def _discard_partial(self, version: str, node_ids: Sequence[str]) -> None:
@@ -715,12 +859,28 @@ class RedisSnapshotStore:
             retained = await self._metas([v for v in history if v not in stale])
             if retained:
                 oldest_ms = min(epoch_us(meta.as_of) for meta in retained) // 1_000
-                await self._client.xtrim(
-                    self._log_key, minid=max(oldest_ms - _REPLAY_MARGIN_MS, 0), approximate=True
-                )
+                cutoff_ms = max(oldest_ms - _REPLAY_MARGIN_MS, 0)
+                await self._client.xtrim(self._log_key, minid=cutoff_ms, approximate=True)
+                await self._trim_ledger(cutoff_ms)
         except (RedisError, RedisClusterException, OSError, StoreError) as exc:
             _log.warning(
                 "snapshot_prune_failed", current=current, prefix=self._prefix, error=str(exc)
+            )
+
+    async def _trim_ledger(self, cutoff_ms: int) -> None:
+        """Forget delta ids logged before ``cutoff_ms``, the delta log's own cut: an id is
+        remembered as long as the log keeps its delta."""
+        forgotten: list[bytes] = []
+        async for field, value in self._client.hscan_iter(
+            self._ledger_key, count=_LEDGER_ENTRIES_PER_SCAN
+        ):
+            # value: b"<log entry id: ms-seq> <fingerprint>"
+            logged_ms = value.split(b"-", 1)[0]
+            if not logged_ms.isdigit() or int(logged_ms) < cutoff_ms:
+                forgotten.append(field)
+        for start in range(0, len(forgotten), _LEDGER_ENTRIES_PER_SCAN):
+            await self._client.hdel(
+                self._ledger_key, *forgotten[start : start + _LEDGER_ENTRIES_PER_SCAN]
             )
 
     async def _keys_of(self, version: str) -> list[str]:
@@ -759,14 +919,49 @@ class RedisSnapshotStore:
     # -- deltas ---------------------------------------------------------------------------
 
     async def _apply_to_version(
-        self, version: str, refs: _VersionRefs, deltas: pl.DataFrame
+        self,
+        version: str,
+        refs: _VersionRefs,
+        deltas: pl.DataFrame,
+        *,
+        also: tuple[str, _VersionRefs] | None = None,
     ) -> list[DeltaOutcome]:
         """Apply log-column deltas (sorted by as_of) to ``version``; outcomes in row order.
 
-        Deltas naming a SKU or node ``version`` does not know are skipped: they were checked
-        against another version (a flip raced them), and a stock key for an unknown node
-        would outlive the version's pruning.
+        ``also`` names another version (the one just flipped from, which lagging replicas
+        still read) that gets the same deltas in the same round trip; its outcomes are not
+        reported. Deltas naming a SKU or node a version does not know are skipped there: they
+        were checked against another version (a flip raced them), and a stock key for an
+        unknown node would outlive the version's pruning.
         """
+        commands, command_rows, outcomes = self._apply_commands(version, refs, deltas)
+        if also is not None:
+            commands += self._apply_commands(*also, deltas)[0]
+        if not commands:
+            return outcomes
+        # The first replies are the target's. A failure on ``also`` (a corrupt cell in a
+        # version on its way out) is logged, not raised: it must not block the current one.
+        replies = await self._execute(commands, errors_from=len(command_rows))
+        failed = [reply for reply in replies[len(command_rows) :] if isinstance(reply, Exception)]
+        if failed and also is not None:
+            _log.warning(
+                "lagging_version_deltas_failed", version=also[0], error=str(failed[0])[:400]
+            )
+        for indexes, letters in zip(command_rows, replies[: len(command_rows)], strict=True):
+            text = _text(letters, key=f"apply_deltas reply for {version}")
+            if len(text) != len(indexes):
+                raise StoreError(
+                    f"apply_deltas answered {len(text)} outcomes for {len(indexes)} deltas"
+                )
+            for index, letter in zip(indexes, text, strict=True):
+                outcomes[index] = _OUTCOME_BY_LETTER[letter]
+        return outcomes
+
+    def _apply_commands(
+        self, version: str, refs: _VersionRefs, deltas: pl.DataFrame
+    ) -> tuple[list[_Command], list[list[int]], list[DeltaOutcome]]:
+        """The apply script calls for ``version`` (one per slot), the delta rows each call
+        decides, and the outcomes so far (SKIPPED for deltas the version does not know)."""
         known = (
             deltas.select(
                 (
@@ -786,7 +981,7 @@ class RedisSnapshotStore:
             if is_known
         ]
         if not rows:
-            return outcomes
+            return [], [], outcomes
         node_ids = sorted({row["node_id"] for _, row in rows})
         stock_keys = [self._stock_key(version, node_id) for node_id in node_ids]
         # node id -> (its group, its 1-based index among the group's KEYS)
@@ -811,6 +1006,7 @@ class RedisSnapshotStore:
                     "" if row["safety_stock"] is None else str(row["safety_stock"]),
                     "" if row["inbound"] is None else str(row["inbound"]),
                     str(row["as_of_us"]),
+                    row["delta_id"],
                 ]
             commands.append(
                 (
@@ -820,16 +1016,7 @@ class RedisSnapshotStore:
                 )
             )
             command_rows.append([index for index, _ in group_rows])
-        replies = await self._execute(commands)
-        for indexes, letters in zip(command_rows, replies, strict=True):
-            text = _text(letters, key=f"apply_deltas reply for {version}")
-            if len(text) != len(indexes):
-                raise StoreError(
-                    f"apply_deltas answered {len(text)} outcomes for {len(indexes)} deltas"
-                )
-            for index, letter in zip(indexes, text, strict=True):
-                outcomes[index] = _OUTCOME_BY_LETTER[letter]
-        return outcomes
+        return commands, command_rows, outcomes
 
     async def _replay_log(self, version: str, refs: _VersionRefs, *, start: str | None) -> str:
         """Apply logged deltas newer than ``version``'s rows onto it, reading the log from
@@ -854,8 +1041,8 @@ class RedisSnapshotStore:
             if len(entries) < _LOG_ENTRIES_PER_READ:
                 break
         if frames:
-            # Only deltas newer than the version's as_of can beat one of its rows.
-            newer = pl.concat(frames).filter(pl.col("as_of_us") > refs.as_of_us)
+            # Only deltas at least as new as the version's as_of can beat one of its rows.
+            newer = pl.concat(frames).filter(pl.col("as_of_us") >= refs.as_of_us)
             if newer.height:
                 ordered = newer.sort("as_of_us", maintain_order=True)
                 for start_row in range(0, ordered.height, _DELTAS_PER_CHUNK):
@@ -1053,9 +1240,10 @@ def _stock_matrix(
 ) -> StockMatrix:
     """Script replies (one column of SKUs per node; b"" = not ranged) as StockMatrix arrays.
 
-    Parsing is vectorised: values of each shape (3 or 4 numbers) are joined and parsed by
-    numpy in one call; only a payload that fails to parse is looked at cell by cell, to name
-    its key and SKU.
+    Parsing is vectorised: a value set by a delta ends in that delta's id, which reading
+    does not need and drops; values of each shape (3 or 4 numbers) are then joined and parsed
+    by numpy in one call. Only a payload that fails to parse is looked at cell by cell, to
+    name its key and SKU.
     """
     sku_count, node_count = len(skus), len(node_ids)
     values = np.zeros((node_count * sku_count, 4), np.int64)
@@ -1066,6 +1254,10 @@ def _stock_matrix(
         raw = np.array(cells, dtype=np.bytes_)
         ranged = np.strings.str_len(raw) > 0
         commas = np.strings.count(raw, b",")
+        with_id = commas == 4
+        if with_id.any():
+            raw = np.where(with_id, np.strings.rpartition(raw, b",")[0], raw)
+            commas = np.where(with_id, 3, commas)
         for width in (3, 4):
             shaped = ranged & (commas == width - 1)
             if shaped.any():
@@ -1108,8 +1300,9 @@ def _undecodable_stock(
         for sku, raw in zip(skus, column, strict=True):
             if not raw:
                 continue
-            width = raw.count(b",") + 1
-            if width not in (3, 4) or _parse_numbers([raw], width) is None:
+            numbers = raw.rpartition(b",")[0] if raw.count(b",") == 4 else raw
+            width = numbers.count(b",") + 1
+            if width not in (3, 4) or _parse_numbers([numbers], width) is None:
                 return StoreError(f"stock payload at {key} field {sku!r} does not decode: {raw!r}")
     return StoreError(f"stock payloads at {list(stock_keys)} do not decode")
 

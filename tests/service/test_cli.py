@@ -1,4 +1,5 @@
-"""The `upsell` command line, run as a real subprocess: demo, publish, policy check."""
+"""The `upsell` command line: demo, publish, policy check as a real subprocess; snapshot list and
+rollback through ``service.cli.main`` in this process, against a running app."""
 
 from __future__ import annotations
 
@@ -16,7 +17,11 @@ from pathlib import Path
 import httpx
 import polars as pl
 import pytest
+from fastapi.testclient import TestClient
 
+from service.app import create_app
+from service.cli import main
+from service.settings import Settings, load_settings
 from tests.service.conftest import DemoData
 
 REPO = Path(__file__).resolve().parents[2]
@@ -154,3 +159,89 @@ def test_train_without_orders_says_what_to_do(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "orders" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.fixture(params=["in-process", "redis"])
+def cli_settings(
+    request: pytest.FixtureRequest,
+    demo_data: DemoData,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Settings:
+    """UPSELL_* for `service.cli.main` in this process, and the same as Settings for an app."""
+    for name in [name for name in os.environ if name.startswith("UPSELL_")]:
+        monkeypatch.delenv(name)
+    env = {
+        "UPSELL_STATE_DIR": str(tmp_path / "state"),
+        "UPSELL_ARTIFACTS_DIR": str(demo_data.artifacts_dir),
+        "UPSELL_LOG_LEVEL": "warning",
+        "UPSELL_SNAPSHOT_REFRESH_SECONDS": "0",
+    }
+    if request.param == "redis":
+        env["UPSELL_REDIS_URL"] = request.getfixturevalue("redis_url")
+        env["UPSELL_REDIS_PREFIX"] = request.getfixturevalue("redis_prefix")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return load_settings()
+
+
+def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    status = main(list(argv))
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def test_snapshot_list_and_rollback_through_the_cli(
+    cli_settings: Settings,
+    demo_data: DemoData,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`upsell snapshot list` marks the current version first; `upsell snapshot rollback`
+    exits 0 and a running service serves the previous version afterwards; with nothing
+    older it exits 1 naming why, and the current version stays."""
+    second_dir = tmp_path / "second"
+    second_dir.mkdir()
+    for table in ("items", "nodes"):
+        shutil.copy(demo_data.contract_dir / f"{table}.parquet", second_dir)
+    inventory = pl.read_parquet(demo_data.contract_dir / "inventory.parquet")
+    inventory.with_columns(atp=pl.col("atp") + 1).write_parquet(second_dir / "inventory.parquet")
+
+    versions = []
+    for directory in (demo_data.contract_dir, second_dir):
+        status, out, err = cli(capsys, "snapshot", "publish", str(directory))
+        assert status == 0, err
+        versions.append(re.search(r"published snapshot (\w{16}) ", out).group(1))  # type: ignore[union-attr]
+    first, second = versions
+    assert first != second
+
+    line = r"([* ]) (\w{16})  as of \S+  published \S+  (\d+) items"
+    status, out, _ = cli(capsys, "snapshot", "list")
+    assert status == 0
+    listed = [re.fullmatch(line, row) for row in out.splitlines()]
+    assert all(listed), out
+    items = pl.read_parquet(demo_data.contract_dir / "items.parquet").height
+    assert [m.groups() for m in listed if m] == [
+        ("*", second, str(items)),
+        (" ", first, str(items)),
+    ]
+
+    body = {"channel": "cart", "region": "UK", "basket": [{"sku": "85123A"}]}
+    with TestClient(create_app(cli_settings)) as client:
+        before = client.post("/v1/recommendations", json=body).json()
+        status, out, err = cli(capsys, "snapshot", "rollback")
+        assert status == 0, err
+        assert out.strip() == f"rolled back: current snapshot is now {first}"
+        after = client.post("/v1/recommendations", json=body).json()
+        status, out, err = cli(capsys, "snapshot", "rollback")
+        assert status == 1
+        assert "nothing to roll back to" in err
+        still = client.post("/v1/recommendations", json=body).json()
+    assert before["versions"]["snapshot"] == second
+    assert after["versions"]["snapshot"] == first
+    assert after["items"]
+    assert still["versions"]["snapshot"] == first
+
+    status, out, _ = cli(capsys, "snapshot", "list")
+    assert status == 0
+    assert [row[:18] for row in out.splitlines()] == [f"  {second}", f"* {first}"]

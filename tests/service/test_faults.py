@@ -3,9 +3,12 @@
 The outage test runs the real app under uvicorn on a Redis started for the test (AOF on, so a
 killed Redis comes back with its data), drives a bounded load of real baskets through HTTP,
 freezes Redis (SIGSTOP) and thaws it (SIGCONT), then kills it (SIGKILL) and restarts it.
-Every answer must be a 200, nothing may be recommended on stock the service could not see,
-and the time to the first healthy answer after Redis returns is printed and recorded as a
-test property (timings are figures, not assertions).
+Every answer must be a 200 and break no constraint that can be checked from the published
+snapshot (``service.evaluate.ConstraintOracle``: stock, eligibility, basket, margin floor,
+restrictions), nothing may be recommended on stock the service could not see, ``/readyz`` must
+say 503 / store unreachable while Redis is frozen and while it is dead, and the time to the
+first healthy answer after Redis returns is printed and recorded as a test property (timings
+are figures, not assertions).
 """
 
 from __future__ import annotations
@@ -36,8 +39,11 @@ from fastapi.testclient import TestClient
 from models.data.contract import read_snapshot_dir
 from models.data.schema import SnapshotData
 from rules.errors import ContractError, StoreError
+from rules.policy import load_policy
 from service.api.admin import router as inventory_router
 from service.app import create_app
+from service.evaluate import ConstraintOracle
+from service.pipeline import BasketLine, RecommendationQuery
 from service.settings import Settings
 from service.store.base import SnapshotMeta
 from service.store.codec import snapshot_version
@@ -111,15 +117,14 @@ class OwnRedis:
             self.process.stderr.close()
 
 
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
-    """A Redis started for this test only; skipped without redis-server (failed in CI)."""
+@contextmanager
+def running_redis(workdir: Path) -> Iterator[OwnRedis]:
+    """A Redis of the caller's own in ``workdir``; skipped without redis-server (failed in CI)."""
     binary = shutil.which("redis-server")
     if binary is None:
         if os.environ.get("CI"):
             pytest.fail("redis-server is required in CI for the fault tests")
         pytest.skip("fault tests need a redis-server binary on PATH")
-    workdir = tmp_path / "redis"
     workdir.mkdir()
     server = OwnRedis(binary, workdir)
     server.start()
@@ -127,6 +132,13 @@ def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
+    """A Redis started for this test only."""
+    with running_redis(tmp_path / "redis") as server:
+        yield server
 
 
 # -- the app and its data -----------------------------------------------------------------------
@@ -184,23 +196,43 @@ def cart_bodies(demo: DemoData, count: int) -> list[dict[str, Any]]:
     ]
 
 
-class StockOracle:
-    """Stock as published, from the contract tables: what an item may be promised on."""
+def query_of(body: dict[str, Any]) -> RecommendationQuery:
+    """The domain query a /v1/recommendations body asks (as the route builds it)."""
+    return RecommendationQuery(
+        request_id="",
+        channel=body["channel"],
+        basket=tuple(
+            BasketLine(sku=line["sku"], quantity=line.get("quantity", 1))
+            for line in body.get("basket", [])
+        ),
+        pdp_sku=body.get("sku"),
+        store_id=body.get("store_id"),
+        region=body.get("region"),
+        limit=body.get("limit", 5),
+        quantity=body.get("quantity"),
+    )
 
-    def __init__(self, snapshot: SnapshotData) -> None:
-        self.cover = {
-            (row["sku"], row["node_id"]): row["atp"] - row["safety_stock"]
-            for row in snapshot.inventory.to_dicts()
-        }
 
-    def violations(self, answer: dict[str, Any]) -> list[str]:
-        """Items whose fulfilment node does not hold a unit above safety stock. A service
-        failing open on unreadable stock shows here: the sample has many empty cells."""
-        problems = []
-        for item in answer["items"]:
-            if self.cover.get((item["sku"], item["fulfillment_node"]), -1) < 1:
-                problems.append(f"{item['sku']} at {item['fulfillment_node']}: no stock")
-        return problems
+def answer_violations(
+    oracle: ConstraintOracle, body: dict[str, Any], answer: dict[str, Any]
+) -> list[str]:
+    """Every constraint a shown item breaks, judged from the published snapshot alone
+    (``service.evaluate.ConstraintOracle``: item master, basket, node eligibility, stock
+    above safety stock, margin floor, restrictions, reported margin). A service failing open
+    on unreadable stock shows here: the sample has many empty cells."""
+    query = query_of(body)
+    now = datetime.now(UTC).replace(tzinfo=None)
+    return [
+        problem
+        for item in answer["items"]
+        for problem in oracle.violations(
+            query,
+            sku=item["sku"],
+            node=item["fulfillment_node"],
+            reported_margin=item["unit_margin"],
+            now=now,
+        )
+    ]
 
 
 @contextmanager
@@ -233,6 +265,7 @@ def served(app: FastAPI) -> Iterator[str]:
 class Answer:
     sent: float
     done: float
+    asked: dict[str, Any]
     status: int
     body: dict[str, Any] | None
 
@@ -268,7 +301,7 @@ class Load:
                 payload = response.json() if response.status_code == 200 else None
                 with self.lock:
                     self.answers.append(
-                        Answer(sent, time.monotonic(), response.status_code, payload)
+                        Answer(sent, time.monotonic(), body, response.status_code, payload)
                     )
 
     def _poll_readiness(self) -> None:
@@ -331,10 +364,11 @@ def test_redis_frozen_then_killed_under_load_gives_no_5xx_and_no_unseen_stock(
     settings = settings_for(own_redis.url, demo=demo_data, tmp_path=tmp_path, prefix="faults")
     snapshot = fresh_snapshot(demo_data.contract_dir)
     meta = publish(settings, snapshot)
-    oracle = StockOracle(snapshot)
+    oracle = ConstraintOracle(snapshot, load_policy())
+    bodies = cart_bodies(demo_data, 200)
 
     with served(build_app(settings)) as base_url:
-        load = Load(base_url, cart_bodies(demo_data, 200))
+        load = Load(base_url, bodies)
         with load.running():
             time.sleep(1.0)
             frozen_at = time.monotonic()
@@ -348,6 +382,7 @@ def test_redis_frozen_then_killed_under_load_gives_no_5xx_and_no_unseen_stock(
             killed_at = time.monotonic()
             own_redis.kill()
             time.sleep(1.5)
+            restarting_at = time.monotonic()
             own_redis.start()
             restarted_at = time.monotonic()
             after_restart = load.recovery_seconds(restarted_at)
@@ -357,7 +392,12 @@ def test_redis_frozen_then_killed_under_load_gives_no_5xx_and_no_unseen_stock(
     answers = load.answers
     statuses = {answer.status for answer in answers}
     assert statuses == {200}, f"non-200 answers: {sorted(statuses)}"
-    problems = [p for a in answers if a.body is not None for p in oracle.violations(a.body)]
+    problems = [
+        problem
+        for answer in answers
+        if answer.body is not None
+        for problem in answer_violations(oracle, answer.asked, answer.body)
+    ]
     assert not problems, problems[:10]
     assert all(
         a.body is not None and a.body["versions"]["snapshot"] == meta.version for a in answers
@@ -370,10 +410,13 @@ def test_redis_frozen_then_killed_under_load_gives_no_5xx_and_no_unseen_stock(
     assert any(not a.healthy for a in blind)
     assert any(a.sent >= killed_at and not a.healthy for a in answers)
     assert sum(len(a.body["items"]) for a in answers if a.healthy and a.body) > 0
-    # /readyz told the truth: the store was unreachable while Redis was frozen.
-    frozen_checks = [c for t, s, c in load.readiness if frozen_at + 0.6 <= t < thawed_at]
-    assert frozen_checks
-    assert all(c["store"] == "unreachable" for c in frozen_checks)
+    # /readyz told the truth: 503 and the store unreachable while Redis was frozen (a ping
+    # waits out its 0.5 s timeout first) and while it was dead (refused at once), ready again
+    # once it was back (measured above).
+    for since, until in ((frozen_at + 0.6, thawed_at), (killed_at + 0.1, restarting_at)):
+        polled = [(status, c) for t, status, c in load.readiness if since <= t < until]
+        assert polled, (since, until)
+        assert all(status == 503 and c["store"] == "unreachable" for status, c in polled), polled
 
     figures = {
         "requests": len(answers),
@@ -382,6 +425,9 @@ def test_redis_frozen_then_killed_under_load_gives_no_5xx_and_no_unseen_stock(
         "ready_after_sigcont_s": round(ready_after_thaw, 3),
         "recovery_after_restart_s": round(after_restart, 3),
         "ready_after_restart_s": round(ready_after_restart, 3),
+        "readiness_polls_while_down": sum(
+            1 for t, status, _ in load.readiness if killed_at <= t < restarting_at and status == 503
+        ),
         "slowest_answer_while_frozen_s": round(max(a.done - a.sent for a in blind), 3),
     }
     for name, value in figures.items():

@@ -115,6 +115,42 @@ def test_response_lists_what_did_not_apply(settings: Settings) -> None:
     ]
 
 
+def test_contradicting_deltas_come_back_as_conflict(settings: Settings) -> None:
+    """An id taken before with other figures, and another id at the same as_of that sorts
+    before the stored one, are counted and listed as conflict; nothing changes."""
+    now = datetime.now(UTC).isoformat()
+    with TestClient(build_app(settings)) as client:
+        first = client.post(
+            "/v1/admin/inventory",
+            json={"deltas": [one_delta(delta_id="erp-2", atp=3, as_of=now)]},
+            headers=AUTH,
+        )
+        reused = client.post(
+            "/v1/admin/inventory",
+            json={"deltas": [one_delta(delta_id="erp-2", atp=9, as_of=now)]},
+            headers=AUTH,
+        )
+        # One batch may not hold two deltas for one cell at one instant; two batches may.
+        earlier_id = client.post(
+            "/v1/admin/inventory",
+            json={"deltas": [one_delta(delta_id="erp-1", atp=7, as_of=now)]},
+            headers=AUTH,
+        )
+    assert first.json()["applied"] == 1
+    for response, delta_id in ((reused, "erp-2"), (earlier_id, "erp-1")):
+        body = response.json()
+        assert (body["applied"], body["duplicate"], body["conflict"]) == (0, 0, 1), body
+        assert body["not_applied"] == [{"delta_id": delta_id, "outcome": "conflict"}]
+
+    async def read() -> int:
+        store = InProcessStore(state_dir=settings.state_dir)
+        version = await store.current_version()
+        assert version is not None
+        return int((await store.read_stock(version, ["15036"], ["DC-1"])).atp[0, 0])
+
+    assert asyncio.run(read()) == 3
+
+
 def run_cli(settings: Settings, *argv: str) -> None:
     parser = argparse.ArgumentParser(prog="upsell")
     add_inventory_parser(parser.add_subparsers(dest="verb", required=True), settings)
@@ -134,9 +170,16 @@ def test_cli_applies_a_file_and_a_second_run_changes_nothing(
         f"e2,15036,DC-2,0,1,,{as_of}\n"
     )
     run_cli(settings, "inventory", "apply", str(path))
-    assert "2 applied, 0 duplicate, 0 stale" in capsys.readouterr().out
+    assert "2 applied, 0 duplicate, 0 stale, 0 conflict" in capsys.readouterr().out
     run_cli(settings, "inventory", "apply", str(path))
-    assert "0 applied, 2 duplicate, 0 stale" in capsys.readouterr().out
+    assert "0 applied, 2 duplicate, 0 stale, 0 conflict" in capsys.readouterr().out
+    path.write_text(
+        f"delta_id,sku,node_id,atp,safety_stock,inbound,as_of\ne1,15036,DC-1,8,,,{as_of}\n"
+    )
+    run_cli(settings, "inventory", "apply", str(path))
+    output = capsys.readouterr().out
+    assert "0 applied, 0 duplicate, 0 stale, 1 conflict" in output
+    assert "conflict (contradict a stored figure; resend under a new id): e1" in output
 
     async def read() -> tuple[int, int]:
         store = InProcessStore(state_dir=settings.state_dir)

@@ -16,7 +16,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -691,7 +691,8 @@ def test_replayed_deltas_change_nothing(store_under_test: StoreUnderTest) -> Non
 
 
 def test_older_delta_after_newer_is_ignored_and_counted(store_under_test: StoreUnderTest) -> None:
-    """A delta older than the cell's figure is stale; one as old as it is a duplicate."""
+    """A new delta older than the cell's figure is stale; one stamped at the snapshot row's
+    own instant supersedes the row (it is a change event, the row an export)."""
 
     async def scenario() -> None:
         async with store_under_test.open() as store:
@@ -701,20 +702,148 @@ def test_older_delta_after_newer_is_ignored_and_counted(store_under_test: StoreU
                 batch(
                     delta("old", "SKU-1", "S001", 9, minutes=10),
                     delta("before-snapshot", "SKU-3", "S001", 9, minutes=-1),
-                    delta("same-instant", "SKU-2", "S001", 9, minutes=0),
+                    delta("at-snapshot-instant", "SKU-2", "S001", 9, minutes=0),
                 )
             )
             assert late.outcomes == (
                 DeltaOutcome.STALE,
                 DeltaOutcome.STALE,
-                DeltaOutcome.DUPLICATE,
+                DeltaOutcome.APPLIED,
             )
-            assert (late.stale, late.duplicate, late.applied) == (2, 1, 0)
+            assert (late.stale, late.duplicate, late.applied) == (2, 0, 1)
             assert (await cell(store, "SKU-1", "S001"))[0] == 3
             assert (await cell(store, "SKU-3", "S001"))[0] == 1
-            assert (await cell(store, "SKU-2", "S001"))[0] == 3
+            assert await cell(store, "SKU-2", "S001") == (9, 2, 0, epoch_us(AS_OF), True)
 
     run(scenario())
+
+
+@pytest.mark.parametrize("order", ["a-then-b", "b-then-a"])
+def test_another_id_at_the_same_instant_is_never_silently_dropped(
+    store_under_test: StoreUnderTest, order: str
+) -> None:
+    """The audit's case: "a" sets 5, then "b" (another id, same as_of) 77. The greater id
+    stands whichever arrives first, and the other is reported, never a silent duplicate."""
+    a = batch(delta("a", "SKU-1", "S001", 5, minutes=10))
+    b = batch(delta("b", "SKU-1", "S001", 77, minutes=10))
+
+    async def scenario() -> tuple[DeltaReport, DeltaReport, int]:
+        async with store_under_test.open() as store:
+            await store.publish(make_snapshot())
+            first, second = (a, b) if order == "a-then-b" else (b, a)
+            one = await store.apply_deltas(first)
+            two = await store.apply_deltas(second)
+            return one, two, (await cell(store, "SKU-1", "S001"))[0]
+
+    one, two, atp = run(scenario())
+    assert atp == 77
+    assert one.outcomes == (DeltaOutcome.APPLIED,)
+    if order == "a-then-b":
+        assert two.outcomes == (DeltaOutcome.APPLIED,)
+    else:
+        assert two.outcomes == (DeltaOutcome.CONFLICT,)
+        assert two.conflict == 1
+
+
+def test_a_replayed_id_is_a_duplicate_even_after_newer_figures(
+    store_under_test: StoreUnderTest,
+) -> None:
+    """The ledger, not the cell, recognises a replay: once a newer delta has replaced its
+    figure, a replayed id is still a duplicate (not stale) and changes nothing."""
+
+    async def scenario() -> None:
+        async with store_under_test.open() as store:
+            await store.publish(make_snapshot())
+            first = batch(delta("e1", "SKU-1", "S001", 4, minutes=5))
+            assert (await store.apply_deltas(first)).applied == 1
+            newer = batch(delta("e2", "SKU-1", "S001", 2, minutes=6))
+            assert (await store.apply_deltas(newer)).applied == 1
+            again = await store.apply_deltas(first)
+            assert again.outcomes == (DeltaOutcome.DUPLICATE,)
+            assert await cell(store, "SKU-1", "S001") == (2, 1, 0, epoch_us(at(6)), True)
+
+    run(scenario())
+
+
+def test_an_id_reused_with_other_figures_is_a_conflict(store_under_test: StoreUnderTest) -> None:
+    """An id names one change: the same id with another ATP or as_of is refused as a
+    conflict, alongside a new id in the same batch that applies."""
+
+    async def scenario() -> None:
+        async with store_under_test.open() as store:
+            await store.publish(make_snapshot())
+            await store.apply_deltas(batch(delta("e1", "SKU-1", "S001", 4, minutes=5)))
+            reused = await store.apply_deltas(
+                batch(
+                    delta("e1", "SKU-1", "S001", 6, minutes=5),
+                    delta("e2", "SKU-2", "S001", 0, minutes=5),
+                )
+            )
+            later = await store.apply_deltas(batch(delta("e1", "SKU-1", "S001", 4, minutes=9)))
+            assert reused.outcomes == (DeltaOutcome.CONFLICT, DeltaOutcome.APPLIED)
+            assert later.outcomes == (DeltaOutcome.CONFLICT,)
+            assert await cell(store, "SKU-1", "S001") == (4, 1, 0, epoch_us(at(5)), True)
+            assert (await cell(store, "SKU-2", "S001"))[0] == 0
+
+    run(scenario())
+
+
+def test_deltas_reach_the_version_a_lagging_replica_still_serves(
+    store_under_test: StoreUnderTest,
+) -> None:
+    """Right after a flip a replica may still read the version flipped from (it follows the
+    pointer within its refresh interval): a delta applied then reaches that version too."""
+
+    async def scenario() -> None:
+        async with store_under_test.open() as store:
+            first = await store.publish(make_snapshot(revision=1))
+            await store.publish(make_snapshot(revision=2, as_of=at(5)))
+            await store.apply_deltas(batch(delta("sold-out", "SKU-1", "DC01", 0, minutes=30)))
+            lagging = await store.read_stock(first.version, ["SKU-1"], ["DC01"])
+            assert int(lagging.atp[0, 0]) == 0
+            assert int(lagging.as_of_us[0, 0]) == epoch_us(at(30))
+            assert (await cell(store, "SKU-1", "DC01"))[0] == 0
+
+    run(scenario())
+
+
+def test_ledger_forgets_ids_with_the_delta_log_and_a_late_replay_stays_harmless(
+    store_under_test: StoreUnderTest,
+) -> None:
+    """An id is remembered while the delta log keeps its delta: a replay is a duplicate. Once
+    every retained snapshot is newer than it (by an hour and more, on Redis), both forget
+    it, and a replay is judged by its cell alone: stale, nothing changes."""
+    now = datetime.now(UTC).replace(tzinfo=None, microsecond=0)
+    old = deltas_from_records(
+        [
+            {
+                "delta_id": "e1",
+                "sku": "SKU-1",
+                "node_id": "S001",
+                "atp": 0,
+                "as_of": now - timedelta(hours=3),
+            }
+        ],
+        source="deltas.csv",
+        now=now,
+    )
+
+    async def scenario() -> tuple[DeltaReport, DeltaReport, int]:
+        async with store_under_test.open(keep=2) as store:
+            await store.publish(make_snapshot(as_of=now - timedelta(hours=4)))
+            await store.apply_deltas(old)
+            remembered = await store.apply_deltas(old)
+            # Snapshots as of the future: Redis trims by arrival, an hour before the oldest
+            # retained snapshot's as_of, and the delta arrived just now.
+            await store.publish(make_snapshot(revision=2, as_of=now + timedelta(hours=2)))
+            await store.publish(make_snapshot(revision=3, as_of=now + timedelta(hours=3)))
+            forgotten = await store.apply_deltas(old)
+            return remembered, forgotten, (await cell(store, "SKU-1", "S001"))[0]
+
+    remembered, forgotten, atp = run(scenario())
+    assert remembered.outcomes == (DeltaOutcome.DUPLICATE,)
+    assert forgotten.outcomes == (DeltaOutcome.STALE,)
+    assert atp == 5 + 3 - 1  # revision 3's own figure
 
 
 def test_deltas_of_one_cell_in_a_batch_apply_in_as_of_order(
@@ -1082,11 +1211,15 @@ def test_cluster_keys_share_slots_by_hash_tag(
         async with redis_cluster_client() as client:
             store = RedisSnapshotStore(client, prefix=redis_cluster_prefix)
             await store.publish(make_snapshot())
+            await store.apply_deltas(batch(delta("e1", "SKU-1", "S002", 3, minutes=2)))
+            await store.publish(make_snapshot(revision=2))
             return [key.decode() async for key in client.scan_iter(match="*")]
 
     keys = [key for key in run(scenario()) if redis_cluster_prefix in key]
     control = [key for key in keys if key.startswith("{")]
     stock = [key for key in keys if not key.startswith("{")]
+    tag = f"{{{redis_cluster_prefix}}}"
+    assert {f"{tag}:inv:log", f"{tag}:inv:ids", f"{tag}:snap:previous"} <= set(control)
     assert len({key_slot(key.encode()) for key in control}) == 1
     assert {key_slot(key.encode()) for key in stock} == {
         key_slot(node.encode()) for node in NODE_IDS
@@ -1109,7 +1242,9 @@ def test_open_store_without_url_is_in_process(tmp_path: Path) -> None:
 def test_redis_delta_batch_is_atomic_when_a_cell_is_corrupt(
     redis_prefix: str, redis_client: RedisClientFactory, redis_url: str
 ) -> None:
-    """A corrupt stock cell fails the batch naming key and SKU, and nothing of it is written."""
+    """A corrupt stock cell fails the batch naming key and SKU, and nothing of it is written;
+    the ids are in the ledger by then, yet a retry once the cell is repaired applies them
+    (a retried id goes to its cell again, which says whether it holds it)."""
     sync_client = redis.Redis.from_url(redis_url)
 
     async def scenario() -> None:
@@ -1126,9 +1261,83 @@ def test_redis_delta_batch_is_atomic_when_a_cell_is_corrupt(
                     )
                 )
             assert sync_client.hget(stock_key, "SKU-1") == b"5,1,0"
+            assert sync_client.hexists(f"{{{redis_prefix}}}:inv:ids", "d1")
+
+            sync_client.hset(stock_key, "SKU-3", b"1,0,0")
+            retried = await store.apply_deltas(
+                batch(
+                    delta("d1", "SKU-1", "S001", 0, minutes=1),
+                    delta("d2", "SKU-3", "S001", 0, minutes=1),
+                )
+            )
+            assert retried.outcomes == (DeltaOutcome.APPLIED, DeltaOutcome.APPLIED)
+            assert await cell(store, "SKU-3", "S001") == (0, 0, 0, epoch_us(at(1)), True)
+            again = await store.apply_deltas(batch(delta("d1", "SKU-1", "S001", 0, minutes=1)))
+            assert again.outcomes == (DeltaOutcome.DUPLICATE,)
 
     try:
         run(scenario())
+    finally:
+        sync_client.close()
+
+
+def test_redis_corrupt_cell_in_the_version_flipped_from_does_not_block_deltas(
+    redis_prefix: str, redis_client: RedisClientFactory, redis_url: str
+) -> None:
+    """Deltas also go to the version a flip just left; a corrupt cell there is logged, and
+    the current version takes the delta all the same."""
+    sync_client = redis.Redis.from_url(redis_url)
+
+    async def scenario() -> None:
+        async with redis_client() as client:
+            store = RedisSnapshotStore(client, prefix=redis_prefix)
+            first = await store.publish(make_snapshot())
+            await store.publish(make_snapshot(revision=2))
+            sync_client.hset(f"{redis_prefix}:snap:{first.version}:atp:{{S001}}", "SKU-1", b"x")
+            report = await store.apply_deltas(batch(delta("d1", "SKU-1", "S001", 0, minutes=9)))
+            assert report.outcomes == (DeltaOutcome.APPLIED,)
+            assert (await cell(store, "SKU-1", "S001"))[0] == 0
+
+    try:
+        run(scenario())
+    finally:
+        sync_client.close()
+
+
+def test_redis_delta_keys_match_the_documented_layout(
+    redis_prefix: str, redis_client: RedisClientFactory, redis_url: str
+) -> None:
+    """Deltas write the documented values: the cell with its as_of and delta id, the log,
+    the ledger entry (log entry id, fingerprint) and, after a flip, the previous pointer."""
+    sync_client = redis.Redis.from_url(redis_url)
+
+    async def scenario() -> tuple[str, str]:
+        async with redis_client() as client:
+            store = RedisSnapshotStore(client, prefix=redis_prefix)
+            first = await store.publish(make_snapshot())
+            await store.apply_deltas(batch(delta("e-1", "SKU-1", "S002", 3, minutes=2)))
+            second = await store.publish(make_snapshot(revision=2))
+            return first.version, second.version
+
+    try:
+        first, second = run(scenario())
+        control = f"{{{redis_prefix}}}"
+        assert sync_client.hget(f"{redis_prefix}:snap:{first}:atp:{{S002}}", "SKU-1") == (
+            f"3,0,12,{epoch_us(at(2))},e-1".encode()
+        )
+        (entry_id, fields), *_ = sync_client.xrange(f"{control}:inv:log")
+        assert fields[b"n"] == b"1"
+        assert fields[b"d"].split(b"\x00")[:3] == [b"e-1", b"SKU-1", b"S002"]
+        logged, fingerprint = sync_client.hget(f"{control}:inv:ids", "e-1").split(b" ")
+        assert logged == entry_id
+        assert re.fullmatch(rb"[0-9a-f]{16}", fingerprint)
+        previous, flipped_ms = sync_client.get(f"{control}:snap:previous").split(b" ")
+        assert previous == first.encode()
+        assert abs(int(flipped_ms) - time.time() * 1000) < 60_000
+        # The new version took the delta from the log: newer than its rows.
+        assert sync_client.hget(f"{redis_prefix}:snap:{second}:atp:{{S002}}", "SKU-1") == (
+            f"3,0,12,{epoch_us(at(2))},e-1".encode()
+        )
     finally:
         sync_client.close()
 
