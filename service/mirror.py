@@ -43,6 +43,8 @@ class ServingSnapshot:
     generator: CandidateGenerator
     # Same-category alternatives for basket items that cannot be fulfilled.
     substitutes: SubstituteFinder
+    # Stock cells of this version read recently (policy stock.on_unavailable: last_known).
+    last_known_stock: LastKnownStock
 
 
 def build_serving_generator(
@@ -56,8 +58,6 @@ def build_serving_generator(
     return build_generator(
         artifacts, weights, facts=ItemFacts.from_catalog(catalog, model_to_catalog)
     )
-    # Stock cells of this version read recently (policy stock.on_unavailable: last_known).
-    last_known_stock: LastKnownStock
 
 
 def join_model_to_catalog(
