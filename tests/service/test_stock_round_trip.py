@@ -215,17 +215,19 @@ def test_a_request_reads_stock_in_one_round_trip_for_candidates_at_eligible_node
             state_dir=tmp_path / "state",
             artifacts_dir=demo_data.artifacts_dir,
             snapshot_refresh_seconds=3600,  # no pointer check inside the measured request
+            admin_token="round-trip",  # a debug trace is admin-only
             log_level="error",
         )
         # Published straight to Redis: only the app's traffic is what the relay is about.
         meta = publish(settings.model_copy(update={"redis_url": redis_server.url}), snapshot)
         body = {**cart_bodies(demo_data, 1)[0], "limit": 3, "debug": True}
         with TestClient(build_app(settings)) as client:
-            warm = client.post("/v1/recommendations", json=body)  # first read GETs the meta
+            auth = {"Authorization": "Bearer round-trip"}
+            warm = client.post("/v1/recommendations", json=body, headers=auth)  # GETs the meta
             assert warm.status_code == 200
             settle(monitor, relay)
             commands_before, bursts_before = monitor.count(), relay.burst_count()
-            response = client.post("/v1/recommendations", json=body)
+            response = client.post("/v1/recommendations", json=body, headers=auth)
             settle(monitor, relay)
         commands = monitor.commands(commands_before)
         stock_bursts = relay.stock_round_trips(bursts_before)
