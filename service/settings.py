@@ -115,6 +115,11 @@ class Settings(BaseSettings):
     explain_retry_backoff_seconds: float = Field(
         default=600.0, ge=0, description="A pair whose generation failed is not retried sooner."
     )
+    explain_stats_log_seconds: float = Field(
+        default=300.0,
+        ge=0,
+        description="How often the explanation accounting is logged; 0 = only at shutdown.",
+    )
 
 
 def load_settings() -> Settings:

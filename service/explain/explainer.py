@@ -27,6 +27,9 @@ Prompts carry product facts and reason codes only (``service.explain.prompts``).
 Built by ``build_explainer(settings, ...)``: an ``LlmExplainer`` when an API key (or an
 ``anthropic`` client) is given, else a ``TemplateExplainer``, said once in the log. Both are
 started and stopped with the app: ``await explainer.start()`` / ``await explainer.aclose()``.
+With a shared (Redis) cache, ``start()`` also preloads the in-process tier from it in the
+background, so that text already paid for (``upsell explain warm``, other replicas) reaches
+the tight channels from the first request on.
 """
 
 from __future__ import annotations
@@ -38,12 +41,12 @@ from enum import Enum
 from typing import Any, Final, Protocol
 
 import anthropic
-import redis.asyncio
 import structlog
 
 from rules.policy import Channel
 from service.explain.base import Explainer, Explanation, ExplanationRequest
 from service.explain.cache import (
+    AnyRedis,
     CacheKey,
     ExplanationCache,
     MemoryExplanationCache,
@@ -140,7 +143,14 @@ class TemplateExplainer:
         return None
 
     def stats(self) -> dict[str, object]:
-        return self.accounting.snapshot()
+        return self.accounting.snapshot() | {
+            "llm_enabled": False,
+            "queue_waiting": 0,
+            "queue_capacity": 0,
+            "cache": "none",
+            "cache_preload": "none",
+            "cache_preloaded": 0,
+        }
 
 
 class LlmExplainer:
@@ -181,6 +191,8 @@ class LlmExplainer:
         self._name_index_task: asyncio.Future[NameIndex] | None = None
         self._cache_writes: set[asyncio.Task[None]] = set()
         self._abandoned_reads: set[asyncio.Future[Any]] = set()
+        self._preload_task: asyncio.Task[None] | None = None
+        self._preloaded: int | None = None  # entries copied from the shared tier, once done
         self._queue: GenerationQueue[tuple[ExplanationRequest, CacheKey]] = GenerationQueue(
             self._generate_in_background,
             max_size=queue_size,
@@ -194,11 +206,22 @@ class LlmExplainer:
         return self._llm.breaker
 
     async def start(self) -> None:
-        """Start the background workers (inside the app's event loop)."""
+        """Start the background workers and, with a shared cache, the preload (inside the
+        app's event loop); returns at once."""
         self._queue.start()
+        if self._cache.shared and self._preload_task is None:
+            self._preload_task = asyncio.create_task(self._preload(), name="explain-preload")
+
+    async def preloaded(self) -> int:
+        """Wait for the preload started by ``start()``; the entries it copied (0: none)."""
+        if self._preload_task is not None:
+            await asyncio.shield(self._preload_task)
+        return self._preloaded or 0
 
     async def aclose(self) -> None:
         """Stop the workers, finish cache writes in flight, close what this explainer owns."""
+        if self._preload_task is not None and not self._preload_task.done():
+            self._preload_task.cancel()
         await self._queue.aclose()
         pending = self._cache_writes | self._abandoned_reads
         if pending:  # each is bounded by the cache's own operation timeout
@@ -215,21 +238,54 @@ class LlmExplainer:
             await asyncio.gather(*self._cache_writes, return_exceptions=True)
 
     async def warm(self, requests: Sequence[ExplanationRequest]) -> dict[str, int]:
-        """Queue generation for every request not cached yet, then wait for it: the engine of
-        ``upsell explain warm``. Returns the submission outcomes counted."""
+        """Generate text for every request not cached yet and wait for it: the engine of
+        ``upsell explain warm``. Submitted a queue's worth at a time, so that none is refused
+        as ``full``; the shared tier is checked by the worker before any call, so text another
+        process wrote is reused, not paid for twice.
+
+        Returns counts: ``cached`` (valid text was there already), ``generated`` (text is
+        cached now), ``failed`` (queued, but no valid text came: the LLM failed or its text
+        was refused), and any other submission outcome (``breaker_open``, ``backing_off``,
+        ``duplicate``) by name.
+        """
         keys = [_cache_key(request) for request in requests]
-        outcomes: dict[str, int] = {"cached": 0}
-        for request, key in zip(requests, keys, strict=True):
-            if self._cached(self._cache.peek(key), request) is not None:
-                outcomes["cached"] += 1
-                continue
-            outcome = self._queue_generation(request, key)
-            outcomes[outcome] = outcomes.get(outcome, 0) + 1
-        await self.drain()
+        outcomes: dict[str, int] = {"cached": 0, "generated": 0, "failed": 0}
+        round_size = self._queue.capacity
+        for start in range(0, len(requests), round_size):
+            queued: list[tuple[ExplanationRequest, CacheKey]] = []
+            for request, key in zip(
+                requests[start : start + round_size], keys[start : start + round_size], strict=True
+            ):
+                if self._cached(self._cache.peek(key), request) is not None:
+                    outcomes["cached"] += 1
+                    continue
+                outcome = self._queue_generation(request, key)
+                if outcome == "queued":
+                    queued.append((request, key))
+                else:
+                    outcomes[outcome] = outcomes.get(outcome, 0) + 1
+            await self.drain()
+            for request, key in queued:
+                done = self._cached(self._cache.peek(key), request) is not None
+                outcomes["generated" if done else "failed"] += 1
         return outcomes
 
     def stats(self) -> dict[str, object]:
-        return self.accounting.snapshot(self.breaker) | {"queue_waiting": self._queue.waiting}
+        preload = (
+            "none"
+            if self._preload_task is None
+            else "done"
+            if self._preload_task.done()
+            else "running"
+        )
+        return self.accounting.snapshot(self.breaker) | {
+            "llm_enabled": True,
+            "queue_waiting": self._queue.waiting,
+            "queue_capacity": self._queue.capacity,
+            "cache": "redis" if self._cache.shared else "in-process",
+            "cache_preload": preload,
+            "cache_preloaded": self._preloaded or 0,
+        }
 
     async def explain(
         self, requests: Sequence[ExplanationRequest], *, deadline: float
@@ -377,6 +433,16 @@ class LlmExplainer:
             return None  # the breaker said no: not the pair's fault, no back-off
         return text is not None
 
+    async def _preload(self) -> None:
+        started = time.monotonic()
+        self._preloaded = await self._cache.preload(PROMPT_VERSION)
+        log.info(
+            "explanation_cache_preloaded",
+            entries=self._preloaded,
+            seconds=round(time.monotonic() - started, 3),
+            prompt_version=PROMPT_VERSION,
+        )
+
     def _write_to_cache(self, key: CacheKey, text: str) -> None:
         # Not awaited by the request: a Redis write must not spend the caller's budget.
         self._spawn(self._cache.put(key, text))
@@ -411,7 +477,7 @@ def _cache_key(request: ExplanationRequest) -> CacheKey:
 def build_explainer(
     settings: Settings,
     *,
-    redis_client: redis.asyncio.Redis | None = None,
+    redis_client: AnyRedis | None = None,
     anthropic_client: anthropic.AsyncAnthropic | None = None,
     catalog_names: Callable[[], Collection[str]] | None = None,
 ) -> ManagedExplainer:
