@@ -248,6 +248,7 @@ class LlmExplainer:
         was refused), and any other submission outcome (``breaker_open``, ``backing_off``,
         ``duplicate``) by name.
         """
+        await self.preloaded()  # so that text already in Redis counts as cached
         keys = [_cache_key(request) for request in requests]
         outcomes: dict[str, int] = {"cached": 0, "generated": 0, "failed": 0}
         round_size = self._queue.capacity
