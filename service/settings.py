@@ -88,7 +88,9 @@ class Settings(BaseSettings):
         default=1500, ge=1, description="Server-side budget of a contact-center request."
     )
     explain_locale: str = Field(
-        default="en", description="Locale of explanations: en or de (others read English)."
+        default="en",
+        description="Locale of explanations for a request that names none: en or de "
+        "(others read English).",
     )
     explain_max_chars: int = Field(
         default=160, ge=20, description="Longest LLM explanation accepted, in characters."
