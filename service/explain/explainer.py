@@ -6,7 +6,7 @@ Per item of a request (all items at once)::
     in-process cache hit (still valid for today's facts) ----------------------> "cache"
     the deadline leaves >= llm_min_budget (contact center):
         shared (Redis) cache hit ----------------------------------------------> "cache"
-        else LLM call, validated ----------------------------------------------> "llm"
+        else one LLM call for all the misses, each text validated -------------> "llm"
         timeout, API error, breaker open, invalid text --> template now -------> "template"
                                                            + generation queued
     a tight channel (cart, PDP and POS budgets are far below any LLM call):
@@ -60,7 +60,14 @@ from service.explain.llm import (
     build_anthropic_client,
     call_within,
 )
-from service.explain.prompts import PROMPT_VERSION, build_prompt, parse_reply, reply_token_limit
+from service.explain.prompts import (
+    PROMPT_VERSION,
+    build_batch_prompt,
+    build_prompt,
+    parse_batch_reply,
+    parse_reply,
+    reply_token_limit,
+)
 from service.explain.queue import GenerationQueue
 from service.explain.templates import template_for, template_locale
 from service.explain.validation import NameIndex, Problem, Verdict, validate_explanation
@@ -182,7 +189,6 @@ class LlmExplainer:
         self._cache = cache
         self.accounting = accounting
         self._max_chars = max_chars
-        self._max_tokens = reply_token_limit(max_chars)
         self._banned_words = tuple(banned_words)
         self._min_llm_budget_s = min_llm_budget_s
         self._background_timeout_s = background_timeout_s
@@ -310,19 +316,19 @@ class LlmExplainer:
                 results[index] = self._cached(text, requests[index])
             misses = [index for index in misses if results[index] is None]
         if misses and self._fits_llm_call(deadline):
-            texts = await asyncio.gather(
-                *(
-                    self._generate(requests[index], keys[index], deadline=deadline - _RESERVE_S)
-                    for index in misses
-                ),
-                return_exceptions=True,  # a bug in one item's path must not fail the response
-            )
+            try:
+                texts = await self._generate_many(
+                    [requests[index] for index in misses],
+                    [keys[index] for index in misses],
+                    deadline=deadline - _RESERVE_S,
+                )
+            except Exception:  # a bug on this path must not fail the response: templates
+                self.accounting.errors["unexpected"] += 1
+                log.exception("llm_explanation_crashed")
+                texts = [None] * len(misses)
             for index, generated in zip(misses, texts, strict=True):
                 if isinstance(generated, str):
                     results[index] = Explanation(generated, "llm")
-                elif isinstance(generated, Exception):
-                    self.accounting.errors["unexpected"] += 1
-                    log.error("llm_explanation_crashed", exc_info=generated)
 
         explanations: list[Explanation] = []
         for index, found in enumerate(results):
@@ -361,26 +367,55 @@ class LlmExplainer:
     ) -> str | NotAttempted | None:
         """Validated LLM text for ``request`` by ``deadline`` (and cached), None when the
         call failed or its text was refused, NOT_ATTEMPTED when no call could be made."""
-        prompt = build_prompt(request, max_chars=self._max_chars)
+        (text,) = await self._generate_many([request], [key], deadline=deadline)
+        return text
+
+    async def _generate_many(
+        self, requests: Sequence[ExplanationRequest], keys: Sequence[CacheKey], *, deadline: float
+    ) -> list[str | NotAttempted | None]:
+        """As ``_generate``, for the misses of one request, in one call (see
+        ``service.explain.prompts`` on why one call and not one per item)."""
+        count = len(requests)
+        prompt = (
+            build_prompt(requests[0], max_chars=self._max_chars)
+            if count == 1
+            else build_batch_prompt(requests, max_chars=self._max_chars)
+        )
         try:
             raw = await self._llm.complete(
-                prompt, timeout_s=deadline - time.monotonic(), max_tokens=self._max_tokens
+                prompt,
+                timeout_s=deadline - time.monotonic(),
+                max_tokens=reply_token_limit(self._max_chars, sentences=count),
             )
         except LlmCallError as exc:
             if exc.kind in _NOT_ATTEMPTED_KINDS:
-                return NotAttempted.NOT_ATTEMPTED
-            log.info("llm_explanation_failed", kind=exc.kind, detail=exc.detail)
-            return None
-        text = parse_reply(raw)
-        if text is None:
-            self._reject(request, Verdict(Problem.MALFORMED))
-            return None
+                return [NotAttempted.NOT_ATTEMPTED] * count
+            log.info("llm_explanation_failed", kind=exc.kind, detail=exc.detail, items=count)
+            return [None] * count
+        texts = [parse_reply(raw)] if count == 1 else parse_batch_reply(raw, count)
         try:
             names = await asyncio.wait_for(
                 self._forbidden_names(), timeout=max(deadline - time.monotonic(), 0.001)
             )
         except TimeoutError:  # a new catalog still being indexed: not checkable in time
             self.accounting.errors["name_index_not_ready"] += 1
+            return [None] * count
+        return [
+            self._accept(text, request, key, names=names)
+            for text, request, key in zip(texts, requests, keys, strict=True)
+        ]
+
+    def _accept(
+        self,
+        text: str | None,
+        request: ExplanationRequest,
+        key: CacheKey,
+        *,
+        names: NameIndex | None,
+    ) -> str | None:
+        """``text`` if it passes every check (then cached), else None (refusal counted)."""
+        if text is None:
+            self._reject(request, Verdict(Problem.MALFORMED))
             return None
         verdict = self._check(text, request, names=names)
         if not verdict.ok:

@@ -6,6 +6,7 @@ Budgets are asserted by outcome (the source label), never by measuring time.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import re
@@ -27,7 +28,9 @@ from tests.service.explain.fake_anthropic import (
     Body,
     FakeAnthropicServer,
     Reply,
+    answer_each,
     grounded_reply,
+    product_entries,
     prompt_text,
 )
 from tests.service.explain.service_builders import (
@@ -131,7 +134,8 @@ def test_contact_center_gets_llm_text_and_the_prompt_carries_no_customer_data(
         timing = client.post("/v1/recommendations", json=body).headers["server-timing"]
     assert sources(answer) == ["llm"] * len(answer["items"])
     assert {item["explanation"] for item in answer["items"]} == {GROUNDED_TEXT["en"]}
-    assert scenario.calls == len(answer["items"])
+    assert scenario.calls == 1  # all the misses of a request in one call
+    assert len(product_entries(scenario.requests[0]) or []) == len(answer["items"])
     for sent in scenario.requests:
         assert customer not in json.dumps(sent)
         assert "<product_facts>" in prompt_text(sent)
@@ -203,7 +207,7 @@ def test_a_failing_llm_leaves_responses_200_with_the_template(
     assert ranking(answer) == ranking(expected)
     assert scenario.calls >= 1
     if counted == "timeout":
-        assert accounting["timeouts"] == 3
+        assert accounting["timeouts"] == 1  # the request's one call for its three items
     elif counted == "rejected":  # background attempts may have been refused since
         assert set(accounting["rejected"]) == {"malformed"}
         assert accounting["rejected"]["malformed"] >= 3
@@ -233,9 +237,11 @@ def test_a_prompt_injection_in_a_product_name_ends_in_valid_text(
     )
 
     def obeying(body: Body) -> Reply:
-        if INJECTION in prompt_text(body):
-            return Reply.explanation(OBEYED)
-        return grounded_reply(body)
+        # A model misled for the products whose facts carry the injection, for those only.
+        return answer_each(
+            body,
+            lambda facts: OBEYED if INJECTION in json.dumps(facts) else GROUNDED_TEXT["en"],
+        )
 
     scenario = fake_anthropic.scenario(obeying)
     settings = service_settings(demo_data, tmp_path, scenario)
@@ -283,7 +289,7 @@ def test_llm_text_naming_another_product_follows_the_current_snapshot(
     the catalog being served: after a snapshot renames some item "Zephyr Desk Lamp", text
     naming that lamp is refused where it was accepted before."""
     scenario = fake_anthropic.scenario(
-        lambda body: Reply.explanation("Goes well with the Zephyr Desk Lamp.")
+        lambda body: answer_each(body, lambda facts: "Goes well with the Zephyr Desk Lamp.")
     )
     settings = service_settings(demo_data, tmp_path, scenario)
     publish(settings, snapshot)
@@ -350,10 +356,15 @@ def test_the_explainer_never_changes_what_is_shown_or_its_order(
     expected = template_answers(demo_data, tmp_path, bodies)
 
     def sometimes_refused(body: Body) -> Reply:
-        # Every third answer breaks a rule (a number the facts lack): refused, template.
-        if len(prompt_text(body)) % 3 == 0:
-            return Reply.explanation("Only 1 left, buy 3 for 99.")
-        return grounded_reply(body)
+        # About every third text breaks a rule (a number the facts lack): refused, template.
+        return answer_each(
+            body,
+            lambda facts: (
+                "Only 1 left, buy 3 for 99."
+                if len(json.dumps(facts)) % 3 == 0
+                else GROUNDED_TEXT["en"]
+            ),
+        )
 
     scenario = fake_anthropic.scenario(sometimes_refused)
     settings = service_settings(demo_data, tmp_path, scenario)
@@ -383,11 +394,7 @@ def test_admin_explanations_reports_the_accounting(
     def answer(body: Body) -> Reply:
         if failing[0]:
             return Reply.error(500, "api_error")
-        return Reply(
-            text=json.dumps({"explanation": GROUNDED_TEXT["en"]}),
-            input_tokens=1000,
-            output_tokens=40,
-        )
+        return dataclasses.replace(grounded_reply(body), input_tokens=1000, output_tokens=40)
 
     scenario = fake_anthropic.scenario(answer)
     settings = service_settings(
@@ -396,7 +403,7 @@ def test_admin_explanations_reports_the_accounting(
         scenario,
         llm_price_input_per_mtok=2.0,
         llm_price_output_per_mtok=10.0,
-        llm_breaker_failures=2,
+        llm_breaker_failures=1,  # open at the first failure: nothing reaches the workers
         llm_breaker_cooldown_seconds=600,
     )
     publish(settings, snapshot)
@@ -407,23 +414,29 @@ def test_admin_explanations_reports_the_accounting(
         contact = recommend(client, {**CONTACT_CENTER, "limit": 2})
         healthy = stats(client)
         failing[0] = True
-        refused = recommend(client, {**CONTACT_CENTER, "basket": [{"sku": "22423"}], "limit": 3})
+        refused = [
+            recommend(client, {**CONTACT_CENTER, "basket": [{"sku": sku}], "limit": 3})
+            for sku in ("22423", "47566", "85099B")
+        ]
         broken = stats(client)
     assert sources(contact) == ["llm", "llm"]
     assert healthy["llm_enabled"] is True
     assert healthy["served"] == {"llm": 2}
-    assert (healthy["llm_calls"], healthy["tokens_in"], healthy["tokens_out"]) == (2, 2000, 80)
-    cost = (2000 * 2.0 + 80 * 10.0) / 1_000_000
+    # Both items in one call: its usage as the API reported it.
+    assert (healthy["llm_calls"], healthy["tokens_in"], healthy["tokens_out"]) == (1, 1000, 40)
+    cost = (1000 * 2.0 + 40 * 10.0) / 1_000_000
     assert healthy["cost_usd"] == pytest.approx(cost)
     assert healthy["cost_usd_per_1000_recommendations"] == pytest.approx(cost * 1000 / 2)
     assert healthy["breaker_state"] == "closed"
-    assert sources(refused) == ["template"] * 3
-    # The three calls of one request go out together, while the breaker is still closed.
-    assert broken["errors"] == {"server_error": 3}
+    assert [sources(answer) for answer in refused] == [["template"] * 3] * 3
+    # The failed call opens the breaker: the next requests make no call, and none queues.
+    assert broken["errors"] == {"server_error": 1}
     assert broken["breaker_state"] == "open"
     assert broken["breaker_times_opened"] == 1
-    assert broken["queue"] == {"breaker_open": 3}  # nothing queued to fail again
-    assert broken["served"] == {"llm": 2, "template": 3}
+    assert broken["skipped_breaker_open"] == 2
+    assert broken["llm_calls"] == 2
+    assert broken["queue"] == {"breaker_open": 9}
+    assert broken["served"] == {"llm": 2, "template": 9}
 
     no_admin = service_settings(demo_data, tmp_path, scenario, admin_token=None)
     with TestClient(create_app(no_admin)) as client:
