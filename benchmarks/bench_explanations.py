@@ -162,7 +162,12 @@ async def run_pass(
             "client_p99_ms": round(float(np.percentile(round_trip, 99)), 2),
             "sources": dict(found[channel]),
         }
-    summary["server_cpu_share"] = round((cpu_s(server_pid) - cpu_begin) / wall_s, 3)
+    server_cpu_s = cpu_s(server_pid) - cpu_begin
+    summary["wall_s"] = round(wall_s, 2)
+    summary["server_cpu_share"] = round(server_cpu_s / wall_s, 3)
+    # CPU per request barely depends on what else runs on the machine, unlike latency: the
+    # figure to compare designs by on a shared box.
+    summary["server_cpu_ms_per_request"] = round(server_cpu_s * 1000 / len(bodies), 2)
     # Time the service was ready to run while the OS ran something else (this client, the
     # Messages API, other jobs on the machine): where it is large, so are the tail latencies.
     summary["server_runnable_but_waiting_share"] = round(
