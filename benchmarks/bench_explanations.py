@@ -120,6 +120,7 @@ async def run_pass(
     rate: float,
     budgets_ms: dict[str, float],
     server_pid: int,
+    llm_pid: int,
 ) -> dict[str, Any]:
     """Send every body open-loop at ``rate`` per second; per-channel figures."""
     server_ms: dict[str, list[float]] = {channel: [] for channel in CHANNELS}
@@ -142,6 +143,7 @@ async def run_pass(
 
     begin = time.monotonic()
     cpu_begin, waited_begin = cpu_s(server_pid), runnable_wait_s(server_pid)
+    llm_cpu_begin, client_cpu_begin = cpu_s(llm_pid), time.process_time()
     tasks = []
     for number, body in enumerate(bodies):
         await asyncio.sleep(max(0.0, begin + number / rate - time.monotonic()))
@@ -173,6 +175,11 @@ async def run_pass(
     summary["server_runnable_but_waiting_share"] = round(
         (runnable_wait_s(server_pid) - waited_begin) / wall_s, 3
     )
+    # The other two processes of the benchmark share the machine with the service: in
+    # production the LLM is remote, and the clients are elsewhere.
+    summary["llm_server_cpu_share"] = round((cpu_s(llm_pid) - llm_cpu_begin) / wall_s, 3)
+    summary["client_cpu_share"] = round((time.process_time() - client_cpu_begin) / wall_s, 3)
+    summary["load_average_after"] = round(os.getloadavg()[0], 2)
     return summary
 
 
@@ -206,6 +213,7 @@ async def drive(
     rate: float,
     budgets_ms: dict[str, float],
     server_pid: int,
+    llm_pid: int,
     drain_timeout_s: float,
 ) -> dict[str, Any]:
     limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
@@ -215,14 +223,11 @@ async def drive(
             await client.post("/v1/recommendations", json=body)
         await wait_drained(client, timeout_s=drain_timeout_s)
         warm_up = await accounting(client)
-        first = await run_pass(
-            client, bodies, rate=rate, budgets_ms=budgets_ms, server_pid=server_pid
-        )
+        pids = {"server_pid": server_pid, "llm_pid": llm_pid}
+        first = await run_pass(client, bodies, rate=rate, budgets_ms=budgets_ms, **pids)
         drained_s = await wait_drained(client, timeout_s=drain_timeout_s)
         after_first = await accounting(client)
-        second = await run_pass(
-            client, bodies, rate=rate, budgets_ms=budgets_ms, server_pid=server_pid
-        )
+        second = await run_pass(client, bodies, rate=rate, budgets_ms=budgets_ms, **pids)
         final = await accounting(client)
     return {
         "first_pass": first,
@@ -287,6 +292,7 @@ def measure(
     root: Path,
     redis_url: str | None,
     llm_base_url: str,
+    llm_pid: int,
     bodies: list[dict[str, Any]],
     args: argparse.Namespace,
 ) -> dict[str, Any]:
@@ -312,7 +318,7 @@ def measure(
         artifacts_dir=root / "artifacts",
     )
     publish(settings, root / "contract")
-    budgets_ms = {
+    budgets_ms: dict[str, float] = {
         channel: float(Settings.model_fields[f"deadline_{channel}_ms"].default)
         for channel in CHANNELS
     }
@@ -328,6 +334,7 @@ def measure(
                 rate=args.rate,
                 budgets_ms=budgets_ms,
                 server_pid=process.pid,
+                llm_pid=llm_pid,
                 drain_timeout_s=args.drain_timeout,
             )
         )
@@ -404,6 +411,7 @@ def main() -> None:
                     root=root,
                     redis_url=redis_url,
                     llm_base_url=llm_base_url,
+                    llm_pid=llm.pid,
                     bodies=bodies,
                     args=args,
                 )
