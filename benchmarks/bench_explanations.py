@@ -1,182 +1,106 @@
-"""Explanation stage under load: 1,000 requests through the LLM explainer while the (local,
-Anthropic-compatible) Messages API takes 300 ms to answer.
+"""The whole request path with LLM explanations, under a slow LLM: 1,000 requests over real
+HTTP to `upsell serve` while the (local, Anthropic-compatible) Messages API takes 300 ms.
 
-What it shows: the tight channels (cart, PDP, POS) never wait for the LLM (their p99 stays
-within the channel's deadline: template now, generation queued), and the contact center,
-whose 1.5 s budget fits a call, gets LLM text. A second pass over the same requests, after
-the queue has drained, shows the queued text coming back from the cache.
+What it shows: the tight channels (cart, PDP, POS) answer within their server-side budget
+(template now, LLM text queued), the contact center, whose 1.5 s budget fits a call, answers
+with LLM text, and once the queue has drained the queued text comes back from the cache.
 
-The server is ``tests/service/explain/fake_anthropic.py`` run as a process of its own (as the
-real API would be), driven by the real ``anthropic`` SDK over loopback HTTP. Requests arrive
-open-loop at ``--rate`` per second, channels in turn, each asking for ``--items`` explanations
-of items from the bundled Online Retail sample (anchor and items drawn by popularity, so
-popular pairs repeat as they do in real traffic). Latency is measured around
-``explainer.explain`` from the moment its request's task starts: the explanation stage's
-server-side share, given the channel's whole budget. Writes
-``benchmarks/results/explanations.json`` and prints a table.
+Three processes, as in production: the service (`python -m service.cli serve`, uvicorn with
+uvloop, its explainer built from settings: real ``anthropic`` SDK over loopback HTTP), the
+test Messages API (``tests/service/explain/fake_anthropic.py``, its own process) and this
+client. The service runs on the bundled Online Retail sample, imported, trained and
+published here first. Requests arrive open-loop at ``--rate`` per second, the four channels
+in turn, each a real basket from the sample's orders (so popular pairs repeat as in real
+traffic). The server-side time of each request is the service's own ``Server-Timing`` header:
+from the request's arrival in the app (where its deadline starts) to the response's start.
+The client's round trip is reported too. Accounting comes from ``GET /v1/admin/explanations``.
 
-    .venv/bin/python benchmarks/bench_explanations.py [--requests 1000] [--redis-url URL]
+Runs on the in-process store and cache, and on Redis when one answers at ``--redis-url``.
+Writes ``benchmarks/results/explanations.json`` and prints a table.
+
+    OPENBLAS_NUM_THREADS=1 .venv/bin/python benchmarks/bench_explanations.py [--requests 1000]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import json
+import os
 import platform
 import random
+import re
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import anthropic
+import httpx
 import numpy as np
 import polars as pl
-import redis.asyncio
-import uvloop
+import redis
 
-from rules.policy import CHANNELS, Channel
-from rules.reasons import ShowReason
-from service.explain.base import ExplanationRequest
-from service.explain.explainer import LlmExplainer, build_explainer, channel_budget_seconds
-from service.logging import configure_logging
+from models.artifacts import save_artifacts
+from models.calibration import fit_acceptance, save_calibration
+from models.data.adapters import import_online_retail
+from models.data.contract import read_orders, read_snapshot_dir
+from models.training import train
+from rules.policy import CHANNELS
 from service.settings import Settings
+from service.store.factory import open_configured_store
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "explanations.json"
 FAKE_SERVER = REPO / "tests" / "service" / "explain" / "fake_anthropic.py"
+ADMIN_TOKEN = "bench-admin"
+_SERVER_TIMING = re.compile(r"app;dur=([\d.]+)")
 
 
-@dataclass(frozen=True)
-class Product:
-    sku: str
-    name: str
-    price: str
-
-
-def sample_products() -> tuple[list[Product], list[float]]:
-    """Distinct sample items with a typical price, and their share of order lines."""
-    sample = Path(str(resources.files("models").joinpath("sample/online_retail_sample.parquet")))
-    items = (
-        pl.read_parquet(sample)
-        .filter(pl.col("UnitPrice") > 0, pl.col("Description").is_not_null())
-        .group_by("StockCode")
-        .agg(
-            pl.col("Description").first(),
-            pl.col("UnitPrice").median(),
-            pl.len().alias("lines"),
-        )
-        .sort("StockCode")
-    )
-    products = [
-        Product(sku=sku, name=name.strip(), price=f"{price:.2f}")
-        for sku, name, price in items.select("StockCode", "Description", "UnitPrice").iter_rows()
-    ]
-    return products, [float(lines) for lines in items.get_column("lines")]
-
-
-def make_requests(
-    count: int, *, items_per_request: int, seed: int
-) -> list[tuple[Channel, list[ExplanationRequest]]]:
-    products, weights = sample_products()
+def request_bodies(contract_dir: Path, count: int, *, seed: int) -> list[dict[str, Any]]:
+    """Real baskets (1-5 lines of one order), the channels in turn."""
     rng = random.Random(seed)
-    made: list[tuple[Channel, list[ExplanationRequest]]] = []
+    baskets = (
+        pl.read_parquet(contract_dir / "orders.parquet")
+        .group_by("order_id", maintain_order=True)
+        .agg(pl.col("sku"))
+        .get_column("sku")
+        .to_list()
+    )
+    bodies = []
     for number in range(count):
+        skus = rng.sample(basket := baskets[rng.randrange(len(baskets))], k=min(len(basket), 5))
+        skus = skus[: rng.randint(1, len(skus))]
         channel = CHANNELS[number % len(CHANNELS)]
-        anchor = rng.choices(products, weights)[0]
-        chosen: dict[str, Product] = {}
-        while len(chosen) < items_per_request:
-            item = rng.choices(products, weights)[0]
-            if item.sku != anchor.sku:
-                chosen[item.sku] = item
-        stock = ShowReason.IN_STOCK_AT_STORE if channel == "pos" else ShowReason.IN_STOCK_TO_SHIP
-        made.append(
-            (
-                channel,
-                [
-                    ExplanationRequest(
-                        item_sku=item.sku,
-                        item_name=item.name,
-                        kind="cross_sell",
-                        channel=channel,
-                        locale="en",
-                        reasons=(ShowReason.BOUGHT_TOGETHER, stock, ShowReason.MARGIN_FLOOR_MET),
-                        anchor_sku=anchor.sku,
-                        anchor_name=anchor.name,
-                        facts={"price": item.price},
-                    )
-                    for item in chosen.values()
-                ],
-            )
-        )
-    return made
+        body: dict[str, Any] = {"channel": channel, "limit": 5}
+        if channel == "pdp":
+            body["sku"] = skus[0]
+        else:
+            body["basket"] = [{"sku": sku, "quantity": 1} for sku in skus]
+        if channel == "pos":
+            body["store_id"] = "S-UK"
+        else:
+            body["region"] = "UK"
+        bodies.append(body)
+    return bodies
 
 
-async def run_pass(
-    explainer: LlmExplainer,
-    requests: list[tuple[Channel, list[ExplanationRequest]]],
-    *,
-    settings: Settings,
-    rate: float,
-) -> dict[str, Any]:
-    """Send every request open-loop at ``rate`` per second; per-channel latency and sources."""
-    latencies: dict[str, list[float]] = {channel: [] for channel in CHANNELS}
-    sources: dict[str, Counter[str]] = {channel: Counter() for channel in CHANNELS}
-    late_starts: list[float] = []
-
-    async def one(channel: Channel, asked: list[ExplanationRequest], due: float) -> None:
-        started = time.monotonic()
-        late_starts.append(started - due)
-        deadline = started + channel_budget_seconds(settings, channel)
-        explanations = await explainer.explain(asked, deadline=deadline)
-        latencies[channel].append((time.monotonic() - started) * 1000)
-        sources[channel].update(explanation.source for explanation in explanations)
-
-    begin, cpu_begin, waited_begin = time.monotonic(), time.process_time(), _runnable_wait_s()
-    tasks = []
-    for number, (channel, asked) in enumerate(requests):
-        due = begin + number / rate
-        await asyncio.sleep(max(0.0, due - time.monotonic()))
-        tasks.append(asyncio.create_task(one(channel, asked, due)))
-    await asyncio.gather(*tasks)
-    wall_s, cpu_s = time.monotonic() - begin, time.process_time() - cpu_begin
-    summary: dict[str, Any] = {}
-    for channel in CHANNELS:
-        values = np.array(latencies[channel])
-        summary[channel] = {
-            "requests": len(values),
-            "budget_ms": channel_budget_seconds(settings, channel) * 1000,
-            "p50_ms": round(float(np.percentile(values, 50)), 3),
-            "p99_ms": round(float(np.percentile(values, 99)), 3),
-            "max_ms": round(float(values.max()), 3),
-            "sources": dict(sources[channel]),
-        }
-    # How late request tasks started against their arrival time: the event loop's own
-    # queueing, which a real server adds before any stage runs (reported, not hidden).
-    summary["event_loop_late_start_p99_ms"] = round(
-        float(np.percentile(np.array(late_starts), 99)) * 1000, 3
-    )
-    summary["event_loop_late_start_p50_ms"] = round(
-        float(np.percentile(np.array(late_starts), 50)) * 1000, 3
-    )
-    summary["process_cpu_share"] = round(cpu_s / wall_s, 3)
-    # Time the process was ready to run but the OS ran something else (other jobs on the
-    # machine): where that is large, so are the event loop's stalls.
-    summary["runnable_but_waiting_share"] = round((_runnable_wait_s() - waited_begin) / wall_s, 3)
-    return summary
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
 
 
-def _runnable_wait_s() -> float:
-    """Seconds this process's threads spent runnable but not running (Linux schedstat)."""
+def runnable_wait_s(pid: int) -> float:
+    """Seconds the process's threads spent runnable but not running (Linux schedstat)."""
     total_ns = 0
-    for task in Path("/proc/self/task").iterdir():
+    for task in Path(f"/proc/{pid}/task").iterdir():
         try:
             total_ns += int((task / "schedstat").read_text().split()[1])
         except (OSError, IndexError, ValueError):
@@ -184,183 +108,333 @@ def _runnable_wait_s() -> float:
     return total_ns / 1e9
 
 
-class GcPauses:
-    """Collector pauses by generation: a full (gen 2) collection stops the event loop."""
-
-    def __init__(self) -> None:
-        self._started = 0.0
-        self.pauses_ms: dict[int, list[float]] = {0: [], 1: [], 2: []}
-
-    def __call__(self, phase: str, info: dict[str, int]) -> None:
-        if phase == "start":
-            self._started = time.perf_counter()
-        else:
-            self.pauses_ms[info["generation"]].append((time.perf_counter() - self._started) * 1e3)
-
-    def summary(self) -> dict[str, dict[str, float]]:
-        return {
-            f"gen{generation}": {
-                "count": len(values),
-                "max_ms": round(max(values, default=0.0), 2),
-            }
-            for generation, values in self.pauses_ms.items()
-        }
+def cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def warm_up(explainer: LlmExplainer, settings: Settings) -> None:
-    """First calls pay for lazy imports and pydantic schema builds: keep them out of the
-    figures, then freeze what start-up allocated so full collections stay short."""
-    for channel, asked in make_requests(8, items_per_request=2, seed=99):
-        budget = channel_budget_seconds(settings, channel)
-        await explainer.explain(asked, deadline=time.monotonic() + budget)
-    await explainer.drain()
-    gc.collect()
-    gc.freeze()
-
-
-async def measure(
-    base_url: str,
+async def run_pass(
+    client: httpx.AsyncClient,
+    bodies: list[dict[str, Any]],
     *,
-    redis_url: str | None,
-    requests: list[tuple[Channel, list[ExplanationRequest]]],
     rate: float,
-    concurrency: int,
+    budgets_ms: dict[str, float],
+    server_pid: int,
+    llm_pid: int,
 ) -> dict[str, Any]:
-    settings = Settings(
-        anthropic_api_key=None,  # the client is handed in, pointed at the local server
-        redis_prefix=f"upsell-bench:{int(time.time())}",
-        explain_concurrency=concurrency,
-        log_level="error",
+    """Send every body open-loop at ``rate`` per second; per-channel figures."""
+    server_ms: dict[str, list[float]] = {channel: [] for channel in CHANNELS}
+    client_ms: dict[str, list[float]] = {channel: [] for channel in CHANNELS}
+    found: dict[str, Counter[str]] = {channel: Counter() for channel in CHANNELS}
+    statuses: Counter[int] = Counter()
+
+    async def one(body: dict[str, Any]) -> None:
+        started = time.perf_counter()
+        response = await client.post("/v1/recommendations", json=body)
+        client_ms[body["channel"]].append((time.perf_counter() - started) * 1000)
+        statuses[response.status_code] += 1
+        timing = _SERVER_TIMING.search(response.headers.get("server-timing", ""))
+        if timing is not None:
+            server_ms[body["channel"]].append(float(timing.group(1)))
+        if response.status_code == 200:
+            found[body["channel"]].update(
+                item["explanation_source"] for item in response.json()["items"]
+            )
+
+    begin = time.monotonic()
+    cpu_begin, waited_begin = cpu_s(server_pid), runnable_wait_s(server_pid)
+    llm_cpu_begin, client_cpu_begin = cpu_s(llm_pid), time.process_time()
+    tasks = []
+    for number, body in enumerate(bodies):
+        await asyncio.sleep(max(0.0, begin + number / rate - time.monotonic()))
+        tasks.append(asyncio.create_task(one(body)))
+    await asyncio.gather(*tasks)
+    wall_s = time.monotonic() - begin
+    summary: dict[str, Any] = {"status_codes": {str(code): n for code, n in statuses.items()}}
+    for channel in CHANNELS:
+        server, round_trip = np.array(server_ms[channel]), np.array(client_ms[channel])
+        summary[channel] = {
+            "requests": len(round_trip),
+            "budget_ms": budgets_ms[channel],
+            "server_p50_ms": round(float(np.percentile(server, 50)), 2),
+            "server_p99_ms": round(float(np.percentile(server, 99)), 2),
+            "server_max_ms": round(float(server.max()), 2),
+            "over_budget": int((server > budgets_ms[channel]).sum()),
+            "client_p50_ms": round(float(np.percentile(round_trip, 50)), 2),
+            "client_p99_ms": round(float(np.percentile(round_trip, 99)), 2),
+            "sources": dict(found[channel]),
+        }
+    server_cpu_s = cpu_s(server_pid) - cpu_begin
+    summary["wall_s"] = round(wall_s, 2)
+    summary["server_cpu_share"] = round(server_cpu_s / wall_s, 3)
+    # CPU per request barely depends on what else runs on the machine, unlike latency: the
+    # figure to compare designs by on a shared box.
+    summary["server_cpu_ms_per_request"] = round(server_cpu_s * 1000 / len(bodies), 2)
+    # Time the service was ready to run while the OS ran something else (this client, the
+    # Messages API, other jobs on the machine): where it is large, so are the tail latencies.
+    summary["server_runnable_but_waiting_share"] = round(
+        (runnable_wait_s(server_pid) - waited_begin) / wall_s, 3
     )
-    client = anthropic.AsyncAnthropic(api_key="bench", base_url=base_url)
-    # As the service opens Redis (service.store.factory): fail fast, never wait on a socket.
-    redis_client = (
-        redis.asyncio.Redis.from_url(redis_url, socket_connect_timeout=1.0, socket_timeout=0.5)
-        if redis_url
-        else None
+    # The other two processes of the benchmark share the machine with the service: in
+    # production the LLM is remote, and the clients are elsewhere.
+    summary["llm_server_cpu_share"] = round((cpu_s(llm_pid) - llm_cpu_begin) / wall_s, 3)
+    summary["client_cpu_share"] = round((time.process_time() - client_cpu_begin) / wall_s, 3)
+    summary["load_average_after"] = round(os.getloadavg()[0], 2)
+    return summary
+
+
+async def accounting(client: httpx.AsyncClient) -> dict[str, Any]:
+    response = await client.get(
+        "/v1/admin/explanations", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}
     )
-    names = tuple(product.name for product in sample_products()[0])
-    explainer = build_explainer(
-        settings,
-        anthropic_client=client,
-        redis_client=redis_client,
-        catalog_names=lambda: names,
-    )
-    assert isinstance(explainer, LlmExplainer)
-    await explainer.start()
-    gc_pauses = GcPauses()
-    try:
-        await warm_up(explainer, settings)
-        gc.callbacks.append(gc_pauses)
-        first = await run_pass(explainer, requests, settings=settings, rate=rate)
-        drain_started = time.monotonic()
-        await asyncio.wait_for(explainer.drain(), timeout=300)
-        drained_s = time.monotonic() - drain_started
-        second = await run_pass(explainer, requests, settings=settings, rate=rate)
-        stats = explainer.stats()
-    finally:
-        if gc_pauses in gc.callbacks:
-            gc.callbacks.remove(gc_pauses)
-        gc.unfreeze()
-        await explainer.aclose()
-        await client.close()
-        if redis_client is not None:
-            await redis_client.aclose()
+    response.raise_for_status()
+    found: dict[str, Any] = response.json()
+    return found
+
+
+async def wait_drained(client: httpx.AsyncClient, *, timeout_s: float) -> float | None:
+    """Seconds until nothing waits in the queue and no call went out for a second; None when
+    ``timeout_s`` passed first."""
+    started = time.monotonic()
+    previous_calls = -1
+    while time.monotonic() - started < timeout_s:
+        figures = await accounting(client)
+        if figures["queue_waiting"] == 0 and figures["llm_calls"] == previous_calls:
+            return round(time.monotonic() - started - 1.0, 1)
+        previous_calls = figures["llm_calls"]
+        await asyncio.sleep(1.0)
+    return None
+
+
+async def drive(
+    base_url: str,
+    bodies: list[dict[str, Any]],
+    *,
+    rate: float,
+    budgets_ms: dict[str, float],
+    server_pid: int,
+    llm_pid: int,
+    drain_timeout_s: float,
+) -> dict[str, Any]:
+    limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
+    async with httpx.AsyncClient(base_url=base_url, timeout=30, limits=limits) as client:
+        # Warm-up: first requests pay for lazy imports and first-use code paths.
+        for body in bodies[:20]:
+            await client.post("/v1/recommendations", json=body)
+        await wait_drained(client, timeout_s=drain_timeout_s)
+        warm_up = await accounting(client)
+        pids = {"server_pid": server_pid, "llm_pid": llm_pid}
+        first = await run_pass(client, bodies, rate=rate, budgets_ms=budgets_ms, **pids)
+        drained_s = await wait_drained(client, timeout_s=drain_timeout_s)
+        after_first = await accounting(client)
+        second = await run_pass(client, bodies, rate=rate, budgets_ms=budgets_ms, **pids)
+        final = await accounting(client)
     return {
         "first_pass": first,
-        "queue_drained_in_s": round(drained_s, 1),
+        "queue_drained_in_s": drained_s,
+        "queue_after_first_pass": after_first["queue"],
         "second_pass_after_drain": second,
-        "accounting": stats,
-        "gc_pauses": gc_pauses.summary(),
+        "accounting": final,
+        "warm_up_accounting": {key: warm_up[key] for key in ("served", "llm_calls", "queue")},
     }
 
 
-def redis_answers(url: str) -> bool:
-    async def ping() -> bool:
-        client = redis.asyncio.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5)
-        try:
-            return bool(await client.ping())
-        except (redis.RedisError, OSError):
-            return False
-        finally:
-            await client.aclose()
+def serve(settings_env: dict[str, str], port: int) -> subprocess.Popen[bytes]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("UPSELL_")}
+    env.update(settings_env, OPENBLAS_NUM_THREADS="1")
+    return subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "serve", "--port", str(port)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
-    return asyncio.run(ping())
+
+def wait_ready(base_url: str, process: subprocess.Popen[bytes], *, timeout_s: float = 120) -> None:
+    give_up_at = time.monotonic() + timeout_s
+    while time.monotonic() < give_up_at:
+        if process.poll() is not None:
+            raise RuntimeError(f"the service exited with status {process.returncode}")
+        try:
+            if httpx.get(f"{base_url}/readyz", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError("the service did not become ready")
+
+
+def publish(settings: Settings, contract_dir: Path) -> None:
+    async def run() -> None:
+        store = await open_configured_store(settings)
+        try:
+            await store.publish(read_snapshot_dir(contract_dir))
+        finally:
+            await store.close()
+
+    asyncio.run(run())
+
+
+def redis_answers(url: str) -> bool:
+    client = redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5)
+    try:
+        return bool(client.ping())
+    except (redis.RedisError, OSError):
+        return False
+    finally:
+        client.close()
+
+
+def measure(
+    name: str,
+    *,
+    root: Path,
+    redis_url: str | None,
+    llm_base_url: str,
+    llm_pid: int,
+    bodies: list[dict[str, Any]],
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    prefix = f"upsell-bench:{int(time.time())}"
+    env = {
+        "UPSELL_STATE_DIR": str(root / f"state-{name}"),
+        "UPSELL_ARTIFACTS_DIR": str(root / "artifacts"),
+        "UPSELL_REDIS_PREFIX": prefix,
+        "UPSELL_LOG_LEVEL": "warning",
+        "UPSELL_ADMIN_TOKEN": ADMIN_TOKEN,
+        "UPSELL_ANTHROPIC_API_KEY": "bench",
+        "UPSELL_ANTHROPIC_BASE_URL": llm_base_url,
+        "UPSELL_EXPLAIN_CONCURRENCY": str(args.concurrency),
+        "UPSELL_EXPLAIN_QUEUE_SIZE": str(args.queue_size),
+        "UPSELL_SNAPSHOT_REFRESH_SECONDS": "1.0",
+    }
+    if redis_url:
+        env["UPSELL_REDIS_URL"] = redis_url
+    settings = Settings(
+        redis_url=redis_url,
+        redis_prefix=prefix,
+        state_dir=root / f"state-{name}",
+        artifacts_dir=root / "artifacts",
+    )
+    publish(settings, root / "contract")
+    budgets_ms: dict[str, float] = {
+        channel: float(Settings.model_fields[f"deadline_{channel}_ms"].default)
+        for channel in CHANNELS
+    }
+    port = free_port()
+    base_url = f"http://127.0.0.1:{port}"
+    process = serve(env, port)
+    try:
+        wait_ready(base_url, process)
+        return asyncio.run(
+            drive(
+                base_url,
+                bodies,
+                rate=args.rate,
+                budgets_ms=budgets_ms,
+                server_pid=process.pid,
+                llm_pid=llm_pid,
+                drain_timeout_s=args.drain_timeout,
+            )
+        )
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        if redis_url:
+            client = redis.Redis.from_url(redis_url)
+            for key in client.scan_iter(match=f"{prefix}:*"):
+                client.unlink(key)
+            for key in client.scan_iter(match=f"{{{prefix}}}:*"):
+                client.unlink(key)
+            client.close()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=1000)
-    parser.add_argument("--items", type=int, default=3, help="explanations per request")
     parser.add_argument("--rate", type=float, default=100.0, help="requests per second")
-    parser.add_argument("--latency-ms", type=float, default=300.0, help="the server's answer time")
+    parser.add_argument("--latency-ms", type=float, default=300.0, help="the LLM's answer time")
     parser.add_argument(
         "--concurrency",
         type=int,
         default=Settings.model_fields["explain_concurrency"].default,
-        help="background LLM calls in flight (default: the setting's default)",
+        help="UPSELL_EXPLAIN_CONCURRENCY (default: the setting's default)",
     )
     parser.add_argument(
-        "--loop",
-        choices=("uvloop", "asyncio"),
-        default="uvloop",
-        help="event loop (uvloop: what `upsell serve` gets from uvicorn)",
+        "--queue-size",
+        type=int,
+        default=Settings.model_fields["explain_queue_size"].default,
+        help="UPSELL_EXPLAIN_QUEUE_SIZE (default: the setting's default)",
     )
+    parser.add_argument("--drain-timeout", type=float, default=600.0, help="seconds, at most")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    parser.add_argument("--no-redis", action="store_true", help="the in-process store only")
     args = parser.parse_args()
-    configure_logging(level="error")
-    if args.loop == "uvloop":
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    requests = make_requests(args.requests, items_per_request=args.items, seed=11)
-    server = subprocess.Popen(
+    sample = Path(str(resources.files("models").joinpath("sample/online_retail_sample.parquet")))
+    llm = subprocess.Popen(
         [sys.executable, str(FAKE_SERVER), "--latency-ms", str(args.latency_ms)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
     )
     try:
-        assert server.stdout is not None
-        base_url = json.loads(server.stdout.readline())["base_url"]
-        caches: list[tuple[str, str | None]] = [("in-process", None)]
-        if redis_answers(args.redis_url):
-            caches.append(("redis", args.redis_url))
-        results: dict[str, Any] = {
-            "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            "machine": f"{platform.machine()}, Python {platform.python_version()}",
-            "what": "LlmExplainer.explain per request, server-side, open-loop arrivals",
-            "requests": args.requests,
-            "items_per_request": args.items,
-            "rate_per_s": args.rate,
-            "server_latency_ms": args.latency_ms,
-            "background_concurrency": args.concurrency,
-            "event_loop": args.loop,
-        }
-        for name, redis_url in caches:
-            results[name] = asyncio.run(
-                measure(
-                    base_url,
+        assert llm.stdout is not None
+        llm_base_url = json.loads(llm.stdout.readline())["base_url"]
+        with tempfile.TemporaryDirectory() as scratch:
+            root = Path(scratch)
+            import_online_retail(sample, root / "contract", seed=7)
+            orders = read_orders(root / "contract" / "orders.parquet")
+            version_dir = save_artifacts(train(orders, seed=42), root / "artifacts")
+            save_calibration(fit_acceptance(orders, seed=42), version_dir)
+            bodies = request_bodies(root / "contract", args.requests, seed=11)
+            stores: list[tuple[str, str | None]] = [("in-process", None)]
+            if not args.no_redis and redis_answers(args.redis_url):
+                stores.append(("redis", args.redis_url))
+            results: dict[str, Any] = {
+                "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
+                "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
+                f"Python {platform.python_version()}",
+                "load_average_at_start": [round(value, 2) for value in os.getloadavg()],
+                "what": "POST /v1/recommendations over HTTP to `upsell serve`; server-side = "
+                "the service's Server-Timing (arrival in the app to response start)",
+                "requests": args.requests,
+                "limit": 5,
+                "rate_per_s": args.rate,
+                "llm_latency_ms": args.latency_ms,
+                "explain_concurrency": args.concurrency,
+                "explain_queue_size": args.queue_size,
+            }
+            for name, redis_url in stores:
+                results[name] = measure(
+                    name,
+                    root=root,
                     redis_url=redis_url,
-                    requests=requests,
-                    rate=args.rate,
-                    concurrency=args.concurrency,
+                    llm_base_url=llm_base_url,
+                    llm_pid=llm.pid,
+                    bodies=bodies,
+                    args=args,
                 )
-            )
     finally:
-        if server.stdin is not None:
-            server.stdin.close()
-        server.wait(timeout=10)
+        if llm.stdin is not None:
+            llm.stdin.close()
+        llm.wait(timeout=10)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-    header = f"{'cache':<11} {'pass':<6} {'channel':<15} {'p50 ms':>8} {'p99 ms':>8}  sources"
-    print(header)
-    for name, _ in caches:
+    header = f"{'store':<11} {'pass':<6} {'channel':<15} {'p50 ms':>8} {'p99 ms':>8} {'over':>5}"
+    print(f"{header}  sources")
+    for name, _ in stores:
         for label, key in (("first", "first_pass"), ("second", "second_pass_after_drain")):
             for channel in CHANNELS:
                 row = results[name][key][channel]
                 print(
-                    f"{name:<11} {label:<6} {channel:<15} {row['p50_ms']:>8} {row['p99_ms']:>8}"
-                    f"  {row['sources']}"
+                    f"{name:<11} {label:<6} {channel:<15} {row['server_p50_ms']:>8} "
+                    f"{row['server_p99_ms']:>8} {row['over_budget']:>5}  {row['sources']}"
                 )
+        print(
+            f"{name}: queue drained in {results[name]['queue_drained_in_s']} s; "
+            f"queue {results[name]['accounting']['queue']}"
+        )
     print(f"written to {RESULTS}")
 
 

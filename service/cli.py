@@ -1,4 +1,4 @@
-"""The ``upsell`` command line: import, train, snapshot, policy, serve, demo.
+"""The ``upsell`` command line: import, train, snapshot, policy, explain, serve, demo.
 
 Every verb has ``--help``. Errors the user can fix exit with status 2 and one line that names
 the file, row and column (or field) at fault; other failures exit with status 1.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -15,6 +16,8 @@ from importlib import resources
 from pathlib import Path
 
 from rules.errors import InputError, UpsellError
+from rules.policy import CHANNELS
+from service.explain.base import WARM_KINDS
 from service.settings import Settings, load_settings
 from service.store.cli_inventory import add_inventory_parser
 
@@ -158,6 +161,35 @@ def _reload_policy(base_url: str, settings: Settings) -> None:
     _print(f"serving policy '{body['name']}' v{body['version']}, hash {body['policy_version']}")
 
 
+def cmd_explain(args: argparse.Namespace, settings: Settings) -> None:
+    from service.explain.warm import warm
+
+    report = asyncio.run(
+        warm(
+            settings,
+            pairs=args.pairs,
+            per_anchor=args.per_anchor,
+            channels=tuple(dict.fromkeys(args.channel or CHANNELS)),
+            locales=tuple(dict.fromkeys(args.locale or [settings.explain_locale])),
+            kinds=tuple(dict.fromkeys(args.kind or WARM_KINDS)),
+        )
+    )
+    outcomes = dict(report.outcomes)
+    counted = ", ".join(
+        f"{outcomes.pop(name, 0)} {name}" for name in ("cached", "generated", "failed")
+    )
+    others = "".join(f", {count} {name}" for name, count in sorted(outcomes.items()))
+    stats = report.stats
+    _print(
+        f"warmed {report.pairs} pairs x {len(report.channels)} channels "
+        f"({', '.join(report.channels)}) x {len(report.locales)} locales "
+        f"({', '.join(report.locales)}) = {report.explanations} explanations in "
+        f"{report.seconds:.1f}s: {counted}{others}; {stats['llm_calls']} LLM calls, "
+        f"{stats['tokens_in']} tokens in, {stats['tokens_out']} out, "
+        f"est. ${stats['cost_usd']}; breaker {stats['breaker_state']}"
+    )
+
+
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
     import uvicorn
 
@@ -191,6 +223,19 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> None:
 
 
 # --- parser ------------------------------------------------------------------------------
+
+
+def _positive(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    return number
+
+
+def _locale(value: str) -> str:
+    if not re.fullmatch(r"[a-z]{2}(-[A-Z]{2})?", value):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a locale such as en or de-DE")
+    return value
 
 
 def build_parser(settings: Settings) -> argparse.ArgumentParser:
@@ -272,6 +317,46 @@ def build_parser(settings: Settings) -> argparse.ArgumentParser:
     )
     rld.add_argument("--url", help="service base URL (default http://UPSELL_HOST:UPSELL_PORT)")
     pol.set_defaults(handler=cmd_policy)
+
+    exp = verbs.add_parser("explain", help="LLM explanations", description="LLM explanation tools.")
+    exp_actions = exp.add_subparsers(dest="action", required=True, metavar="ACTION")
+    wrm = exp_actions.add_parser(
+        "warm",
+        help="pre-generate LLM explanations for the top pairs into the Redis cache",
+        description="Generate LLM text for the pairs most requests ask for (the model's most "
+        "popular items on their own, then as anchors with their top neighbours and bundle "
+        "partners) for each channel and locale, and store it in the explanation cache in "
+        "Redis, where every replica finds it. Needs UPSELL_ANTHROPIC_API_KEY, UPSELL_REDIS_URL, "
+        "a trained model and a published snapshot. Text already cached is not paid for again.",
+    )
+    wrm.add_argument(
+        "--pairs", type=_positive, default=500, help="pairs at most (default %(default)s)"
+    )
+    wrm.add_argument(
+        "--per-anchor",
+        type=_positive,
+        default=5,
+        help="partners per anchor and kind, and popular items on their own (default %(default)s)",
+    )
+    wrm.add_argument(
+        "--channel",
+        action="append",
+        choices=CHANNELS,
+        help="a channel to warm (repeatable; default all four)",
+    )
+    wrm.add_argument(
+        "--locale",
+        action="append",
+        type=_locale,
+        help=f"a locale to warm, e.g. de (repeatable; default {settings.explain_locale})",
+    )
+    wrm.add_argument(
+        "--kind",
+        action="append",
+        choices=WARM_KINDS,
+        help="a kind of pair to warm (repeatable; default all)",
+    )
+    exp.set_defaults(handler=cmd_explain)
 
     for name, handler, text in (
         ("serve", cmd_serve, "run the HTTP API"),

@@ -1,6 +1,11 @@
 """The request path, the only code that knows the order of the stages:
 request -> candidates -> constraints -> ranking -> explanation -> response.
 
+The explanation stage describes the ranked items; it is handed them after ranking and never
+changes which are shown or in what order. It has until the request's deadline (its arrival
+plus the channel's server-side budget): text from the explanation cache, LLM text where the
+budget fits a call (contact center), else the template now and the LLM text queued.
+
 Constraints run in two stages around one pipelined stock read: rules over the mirrored item
 master first, then stock rules for the survivors (and the basket, to know which nodes already
 ship it). When strict rules leave the list short, deeper candidates are fetched and judged
@@ -9,9 +14,10 @@ the same way, up to the policy's ``max_candidate_pool``.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -41,14 +47,15 @@ from rules.policy import Channel
 from rules.ranking import RankingInputs, ScoreParts, rank, score
 from rules.reasons import DropReason, ShowReason
 from rules.staleness import epoch_us, fresh_stock_mask
-from service.explain.templates import template_explanation
+from service.explain.base import Explainer, ExplanationRequest, ExplanationSource
+from service.explain.explainer import TemplateExplainer
+from service.explain.requests import explanation_request
 from service.mirror import ServingSnapshot, SnapshotMirror
 from service.store.base import SnapshotStore
 
 log = structlog.get_logger(__name__)
 
 IntArray = npt.NDArray[np.int64]
-ExplanationSource = Literal["template", "cache", "llm"]
 
 _LEAD_REASON_BY_KIND: dict[Kind, ShowReason] = {
     Kind.CROSS_SELL: ShowReason.BOUGHT_TOGETHER,
@@ -166,9 +173,16 @@ class Recommender:
         artifacts: ModelArtifacts,
         generator: CandidateGenerator | None = None,
         calibration: AcceptanceCalibration | None = None,
+        explainer: Explainer | None = None,
+        channel_budgets: Mapping[Channel, float] | None = None,
     ) -> None:
         """``generator`` overrides the policy's generator mix (the offline evaluation compares
-        mixes); by default each snapshot's ``ServingSnapshot.generator`` proposes."""
+        mixes); by default each snapshot's ``ServingSnapshot.generator`` proposes.
+        ``channel_budgets``: server-side seconds per channel, explanation included, for a
+        request whose caller gives no deadline; without them such a request gets no time for
+        anything but the in-process cache and templates."""
+        self._explainer: Explainer = explainer or TemplateExplainer()
+        self._channel_budgets = dict(channel_budgets or {})
         self._mirror = mirror
         self._calibration = calibration
         self._store = store
@@ -178,8 +192,16 @@ class Recommender:
         self._model_skus = np.asarray(artifacts.item_skus, dtype=object)
 
     async def recommend(
-        self, query: RecommendationQuery, *, now: datetime | None = None
+        self,
+        query: RecommendationQuery,
+        *,
+        now: datetime | None = None,
+        deadline: float | None = None,
     ) -> Recommendation:
+        """``deadline``: the ``time.monotonic()`` instant the answer is due (the HTTP layer
+        passes arrival + the channel's budget); default: from now, by ``channel_budgets``."""
+        if deadline is None:
+            deadline = time.monotonic() + self._channel_budgets.get(query.channel, 0.0)
         now = now or datetime.now(UTC).replace(tzinfo=None)
         serving = await self._mirror.current()
         catalog, compiled = serving.catalog, serving.policy
@@ -278,8 +300,10 @@ class Recommender:
         kept = np.flatnonzero(all_judged.drop_reason == KEPT)
         parts, p_accept, order = self._rank(serving, all_judged, kept, query)
 
-        # Explanation and response.
-        basket_anchor = self._anchor_name(serving, excluded_pos)
+        # Explanation and response. The PDP item is the anchor when there is one (it is asked
+        # last), else the last basket line.
+        anchor_pos = int(excluded_pos[-1]) if len(excluded_pos) else None
+        explanation_requests: list[ExplanationRequest] = []
         shown = kept[order]
         shown_pos = all_judged.catalog_pos[shown]
         on_promotion = catalog.on_promotion(shown_pos, now=now)
@@ -298,8 +322,19 @@ class Recommender:
                 reasons.append(ShowReason.ON_PROMOTION)
             reasons.append(ShowReason.MARGIN_FLOOR_MET)
             at = order[rank_index]
-            own_anchor = int(all_judged.anchor_pos[row])
-            anchor_name = catalog.names[own_anchor] if own_anchor >= 0 else basket_anchor
+            own_anchor = int(all_judged.anchor_pos[row])  # a substitute names what it replaces
+            explanation_requests.append(
+                explanation_request(
+                    catalog,
+                    item_position=pos,
+                    anchor_position=own_anchor if own_anchor >= 0 else anchor_pos,
+                    kind=kind.wire,
+                    channel=query.channel,
+                    locale=query.locale,
+                    reasons=reasons,
+                    price=float(all_judged.facts.effective_price[row]),
+                )
+            )
             items.append(
                 RecommendedItem(
                     sku=catalog.skus[pos],
@@ -310,9 +345,7 @@ class Recommender:
                     unit_margin=round(float(all_judged.facts.unit_margin[row]), 4),
                     fulfillment_node=serving.nodes.node_ids[int(nodes.positions[column])],
                     reason_codes=tuple(reason.value for reason in reasons),
-                    explanation=template_explanation(
-                        reasons, anchor_name=anchor_name, kind=kind.wire, locale=query.locale
-                    ),
+                    explanation="",  # filled in below, for all items at once
                     explanation_source="template",
                     score_parts=ScoreTrace(
                         relevance=round(float(all_judged.relevance[row]), 6),
@@ -326,6 +359,12 @@ class Recommender:
                     ),
                 )
             )
+
+        explanations = await self._explainer.explain(explanation_requests, deadline=deadline)
+        items = [
+            replace(item, explanation=explanation.text, explanation_source=explanation.source)
+            for item, explanation in zip(items, explanations, strict=True)
+        ]
 
         dropped_rows = np.flatnonzero(all_judged.drop_reason != KEPT)
         dropped_skus = self._model_skus[all_judged.item_idx[dropped_rows]]
@@ -603,13 +642,6 @@ class Recommender:
             trusted = stock.ranged & fresh
         available = available_units(stock.atp, stock.safety_stock, trusted)
         return available, np.where(trusted, stock.inbound, 0).astype(np.int64), trusted
-
-    @staticmethod
-    def _anchor_name(serving: ServingSnapshot, excluded_pos: IntArray) -> str | None:
-        # The PDP item when there is one (it is asked last), else the last basket line.
-        if not len(excluded_pos):
-            return None
-        return serving.catalog.names[int(excluded_pos[-1])]
 
     @staticmethod
     def _log_decision(

@@ -1,25 +1,34 @@
-"""What a running service holds: the store, the model, the policy, the mirror, the pipeline.
+"""What a running service holds: the store, the model, the policy, the mirror, the pipeline
+and the explainer.
 
 Opened once by the app's lifespan (or by the CLI) and closed with it. Parts are handed in
-where a caller has them already (tests hand a store on a real Redis).
+where a caller has them already (tests hand a store on a real Redis, or an ``anthropic``
+client pointed at a local server).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+import contextlib
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
 
+import anthropic
 import structlog
 
 from models.artifacts import load_artifacts
 from models.calibration import load_calibration
 from models.interfaces import ModelArtifacts
 from rules.errors import NotReadyError
-from rules.policy import Policy, load_policy
+from rules.policy import CHANNELS, Policy, load_policy
+from service.explain.cache import AnyRedis
+from service.explain.explainer import ManagedExplainer, build_explainer, channel_budget_seconds
 from service.mirror import SnapshotMirror
 from service.pipeline import Recommender
 from service.settings import Settings
 from service.store.base import SnapshotStore
 from service.store.factory import open_configured_store
+from service.store.redis_store import RedisSnapshotStore
 
 log = structlog.get_logger(__name__)
 
@@ -33,10 +42,21 @@ class Runtime:
     mirror: SnapshotMirror | None
     recommender: Recommender | None
     not_ready_reason: str | None
+    explainer: ManagedExplainer
+    _stats_logger: asyncio.Task[None] | None = field(default=None, repr=False)
 
     @classmethod
-    async def start(cls, settings: Settings, *, store: SnapshotStore | None = None) -> Runtime:
-        """Open everything; a missing model leaves the service up but not ready."""
+    async def start(
+        cls,
+        settings: Settings,
+        *,
+        store: SnapshotStore | None = None,
+        anthropic_client: anthropic.AsyncAnthropic | None = None,
+    ) -> Runtime:
+        """Open everything; a missing model leaves the service up but not ready.
+
+        ``anthropic_client`` (tests, benchmarks) replaces the one the settings would build.
+        """
         policy = load_policy(settings.policy_path)  # an invalid policy stops start-up
         if store is None:
             store = await open_configured_store(settings)
@@ -44,7 +64,12 @@ class Runtime:
             artifacts = load_artifacts(settings.artifacts_dir)
         except NotReadyError as exc:
             log.warning("model_missing", reason=str(exc))
-            return cls(settings, store, policy, None, None, None, str(exc))
+            explainer = await start_explainer(
+                settings, store, anthropic_client=anthropic_client, catalog_names=None
+            )
+            runtime = cls(settings, store, policy, None, None, None, str(exc), explainer)
+            runtime._start_stats_logger()
+            return runtime
         mirror = SnapshotMirror(
             store=store,
             artifacts=artifacts,
@@ -55,11 +80,18 @@ class Runtime:
         calibration = load_calibration(settings.artifacts_dir / artifacts.version)
         if calibration is None:
             log.warning("calibration_missing", effect="ranking uses raw relevance as p(accept)")
+        explainer = await start_explainer(
+            settings, store, anthropic_client=anthropic_client, catalog_names=mirrored_names(mirror)
+        )
         recommender = Recommender(
             mirror=mirror,
             store=store,
             artifacts=artifacts,
             calibration=calibration,
+            explainer=explainer,
+            channel_budgets={
+                channel: channel_budget_seconds(settings, channel) for channel in CHANNELS
+            },
         )
         log.info(
             "service_started",
@@ -68,7 +100,9 @@ class Runtime:
             policy_version=policy.content_hash,
             snapshot_version=mirror.loaded.meta.version if mirror.loaded else None,
         )
-        return cls(settings, store, policy, artifacts, mirror, recommender, None)
+        runtime = cls(settings, store, policy, artifacts, mirror, recommender, None, explainer)
+        runtime._start_stats_logger()
+        return runtime
 
     async def reload_policy(self) -> Policy:
         """Load and validate the configured policy file, then serve it.
@@ -107,4 +141,60 @@ class Runtime:
         return checks
 
     async def close(self) -> None:
-        await self.store.close()
+        """Stop the explainer (its cache writes go to the store's Redis), then the store."""
+        if self._stats_logger is not None:
+            self._stats_logger.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._stats_logger
+        try:
+            await self.explainer.aclose()
+        finally:
+            log.info("explanation_stats", final=True, **self.explainer.stats())
+            await self.store.close()
+
+    def _start_stats_logger(self) -> None:
+        interval = self.settings.explain_stats_log_seconds
+        if interval > 0:
+            self._stats_logger = asyncio.create_task(
+                _log_stats_every(self.explainer, interval), name="explanation-stats-log"
+            )
+
+
+def explanation_redis_client(store: SnapshotStore) -> AnyRedis | None:
+    """The Redis the explanation cache shares with the snapshot store, if the store is one."""
+    return store.client if isinstance(store, RedisSnapshotStore) else None
+
+
+def mirrored_names(mirror: SnapshotMirror) -> Callable[[], Collection[str]]:
+    """The current snapshot's product names: a new object exactly when the catalog changes,
+    which is what tells the explainer to index the names again."""
+
+    def names() -> Collection[str]:
+        serving = mirror.loaded
+        return serving.catalog.names if serving is not None else ()
+
+    return names
+
+
+async def start_explainer(
+    settings: Settings,
+    store: SnapshotStore,
+    *,
+    anthropic_client: anthropic.AsyncAnthropic | None,
+    catalog_names: Callable[[], Collection[str]] | None,
+) -> ManagedExplainer:
+    """The explainer the settings ask for, on the store's Redis when there is one, started."""
+    explainer = build_explainer(
+        settings,
+        redis_client=explanation_redis_client(store),
+        anthropic_client=anthropic_client,
+        catalog_names=catalog_names,
+    )
+    await explainer.start()
+    return explainer
+
+
+async def _log_stats_every(explainer: ManagedExplainer, interval_s: float) -> None:
+    while True:
+        await asyncio.sleep(interval_s)
+        log.info("explanation_stats", final=False, **explainer.stats())

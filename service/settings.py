@@ -88,7 +88,9 @@ class Settings(BaseSettings):
         default=1500, ge=1, description="Server-side budget of a contact-center request."
     )
     explain_locale: str = Field(
-        default="en", description="Locale of explanations: en or de (others read English)."
+        default="en",
+        description="Locale of explanations for a request that names none: en or de "
+        "(others read English).",
     )
     explain_max_chars: int = Field(
         default=160, ge=20, description="Longest LLM explanation accepted, in characters."
@@ -114,6 +116,11 @@ class Settings(BaseSettings):
     )
     explain_retry_backoff_seconds: float = Field(
         default=600.0, ge=0, description="A pair whose generation failed is not retried sooner."
+    )
+    explain_stats_log_seconds: float = Field(
+        default=300.0,
+        ge=0,
+        description="How often the explanation accounting is logged; 0 = only at shutdown.",
     )
 
 

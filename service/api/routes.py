@@ -21,6 +21,8 @@ from service.api.schemas import (
     TraceOut,
     VersionsOut,
 )
+from service.api.timing import arrived_at
+from service.explain.explainer import channel_budget_seconds
 from service.pipeline import BasketLine, Recommendation, RecommendationQuery, Recommender
 from service.request_id import current_request_id
 from service.runtime import Runtime
@@ -56,17 +58,21 @@ _PROBLEMS: dict[int | str, dict[str, object]] = {
 )
 async def recommend(
     body: RecommendationRequest,
-    recommender: RecommenderDep,
     request: Request,
+    runtime: RuntimeDep,
+    recommender: RecommenderDep,
     credentials: BearerDep,
 ) -> RecommendationResponse:
     """Upsell and cross-sell items for a basket or product page, under every constraint.
 
-    A debug trace (every dropped candidate, score parts) needs the admin token: it shows
-    margins and the rules' workings, which are the retailer's business, not the shopper's.
+    Answered within the channel's server-side budget from the request's arrival, explanations
+    included (``UPSELL_DEADLINE_*_MS``). A debug trace (every dropped candidate, score parts)
+    needs the admin token: it shows margins and the rules' workings, which are the retailer's
+    business, not the shopper's.
     """
     if body.debug:
         check_admin(request, credentials, what="debug traces are admin-only")
+    deadline = arrived_at(request) + channel_budget_seconds(runtime.settings, body.channel)
     query = RecommendationQuery(
         request_id=current_request_id() or "",
         channel=body.channel,
@@ -78,10 +84,11 @@ async def recommend(
         region=body.region,
         limit=body.limit,
         quantity=body.quantity,
-        locale=body.locale,
+        locale=body.locale or runtime.settings.explain_locale,
         debug=body.debug,
     )
-    return to_response(await recommender.recommend(query), debug=body.debug)
+    result = await recommender.recommend(query, deadline=deadline)
+    return to_response(result, debug=body.debug)
 
 
 def to_response(result: Recommendation, *, debug: bool) -> RecommendationResponse:

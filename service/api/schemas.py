@@ -55,10 +55,11 @@ class RecommendationRequest(BaseModel):
     quantity: int | None = Field(
         default=None, ge=1, le=1000, description="Units of each recommended item to promise."
     )
-    locale: str = Field(
-        default="en",
+    locale: str | None = Field(
+        default=None,
         pattern=r"^[a-z]{2}(-[A-Z]{2})?$",
-        description="Language of the explanations, e.g. en or de-DE.",
+        description="Language of the explanations, e.g. en or de-DE (en and de are written; "
+        "others read English); unset = UPSELL_EXPLAIN_LOCALE.",
     )
     debug: bool = Field(
         default=False,
@@ -86,8 +87,11 @@ class RecommendedItemOut(BaseModel):
     unit_margin: float = Field(description="Effective price minus unit cost.")
     fulfillment_node: str
     reason_codes: list[str]
-    explanation: str
-    explanation_source: Literal["template", "cache", "llm"]
+    explanation: str = Field(description="One sentence on why the item is shown.")
+    explanation_source: Literal["template", "cache", "llm"] = Field(
+        description="llm: written by the LLM within this request; cache: LLM text written "
+        "earlier; template: from the reason codes."
+    )
 
 
 class ScorePartsOut(BaseModel):

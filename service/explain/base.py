@@ -9,12 +9,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Final, Literal, Protocol
 
 from rules.policy import Channel
 from rules.reasons import ShowReason
 
 ExplanationSource = Literal["template", "cache", "llm"]
+
+# Kinds of pair ``upsell explain warm`` pre-generates (see ``service.explain.warm``); here,
+# where the command line can read them without importing the machinery.
+WARM_KINDS: Final = ("popular", "cross_sell", "bundle")
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ Per item of a request (all items at once)::
     in-process cache hit (still valid for today's facts) ----------------------> "cache"
     the deadline leaves >= llm_min_budget (contact center):
         shared (Redis) cache hit ----------------------------------------------> "cache"
-        else LLM call, validated ----------------------------------------------> "llm"
+        else one LLM call for all the misses, each text validated -------------> "llm"
         timeout, API error, breaker open, invalid text --> template now -------> "template"
                                                            + generation queued
     a tight channel (cart, PDP and POS budgets are far below any LLM call):
@@ -27,6 +27,9 @@ Prompts carry product facts and reason codes only (``service.explain.prompts``).
 Built by ``build_explainer(settings, ...)``: an ``LlmExplainer`` when an API key (or an
 ``anthropic`` client) is given, else a ``TemplateExplainer``, said once in the log. Both are
 started and stopped with the app: ``await explainer.start()`` / ``await explainer.aclose()``.
+With a shared (Redis) cache, ``start()`` also preloads the in-process tier from it in the
+background, so that text already paid for (``upsell explain warm``, other replicas) reaches
+the tight channels from the first request on.
 """
 
 from __future__ import annotations
@@ -38,12 +41,12 @@ from enum import Enum
 from typing import Any, Final, Protocol
 
 import anthropic
-import redis.asyncio
 import structlog
 
 from rules.policy import Channel
 from service.explain.base import Explainer, Explanation, ExplanationRequest
 from service.explain.cache import (
+    AnyRedis,
     CacheKey,
     ExplanationCache,
     MemoryExplanationCache,
@@ -57,7 +60,14 @@ from service.explain.llm import (
     build_anthropic_client,
     call_within,
 )
-from service.explain.prompts import PROMPT_VERSION, build_prompt, parse_reply, reply_token_limit
+from service.explain.prompts import (
+    PROMPT_VERSION,
+    build_batch_prompt,
+    build_prompt,
+    parse_batch_reply,
+    parse_reply,
+    reply_token_limit,
+)
 from service.explain.queue import GenerationQueue
 from service.explain.templates import template_for, template_locale
 from service.explain.validation import NameIndex, Problem, Verdict, validate_explanation
@@ -140,7 +150,14 @@ class TemplateExplainer:
         return None
 
     def stats(self) -> dict[str, object]:
-        return self.accounting.snapshot()
+        return self.accounting.snapshot() | {
+            "llm_enabled": False,
+            "queue_waiting": 0,
+            "queue_capacity": 0,
+            "cache": "none",
+            "cache_preload": "none",
+            "cache_preloaded": 0,
+        }
 
 
 class LlmExplainer:
@@ -172,7 +189,6 @@ class LlmExplainer:
         self._cache = cache
         self.accounting = accounting
         self._max_chars = max_chars
-        self._max_tokens = reply_token_limit(max_chars)
         self._banned_words = tuple(banned_words)
         self._min_llm_budget_s = min_llm_budget_s
         self._background_timeout_s = background_timeout_s
@@ -181,6 +197,8 @@ class LlmExplainer:
         self._name_index_task: asyncio.Future[NameIndex] | None = None
         self._cache_writes: set[asyncio.Task[None]] = set()
         self._abandoned_reads: set[asyncio.Future[Any]] = set()
+        self._preload_task: asyncio.Task[None] | None = None
+        self._preloaded: int | None = None  # entries copied from the shared tier, once done
         self._queue: GenerationQueue[tuple[ExplanationRequest, CacheKey]] = GenerationQueue(
             self._generate_in_background,
             max_size=queue_size,
@@ -194,11 +212,22 @@ class LlmExplainer:
         return self._llm.breaker
 
     async def start(self) -> None:
-        """Start the background workers (inside the app's event loop)."""
+        """Start the background workers and, with a shared cache, the preload (inside the
+        app's event loop); returns at once."""
         self._queue.start()
+        if self._cache.shared and self._preload_task is None:
+            self._preload_task = asyncio.create_task(self._preload(), name="explain-preload")
+
+    async def preloaded(self) -> int:
+        """Wait for the preload started by ``start()``; the entries it copied (0: none)."""
+        if self._preload_task is not None:
+            await asyncio.shield(self._preload_task)
+        return self._preloaded or 0
 
     async def aclose(self) -> None:
         """Stop the workers, finish cache writes in flight, close what this explainer owns."""
+        if self._preload_task is not None and not self._preload_task.done():
+            self._preload_task.cancel()
         await self._queue.aclose()
         pending = self._cache_writes | self._abandoned_reads
         if pending:  # each is bounded by the cache's own operation timeout
@@ -215,21 +244,55 @@ class LlmExplainer:
             await asyncio.gather(*self._cache_writes, return_exceptions=True)
 
     async def warm(self, requests: Sequence[ExplanationRequest]) -> dict[str, int]:
-        """Queue generation for every request not cached yet, then wait for it: the engine of
-        ``upsell explain warm``. Returns the submission outcomes counted."""
+        """Generate text for every request not cached yet and wait for it: the engine of
+        ``upsell explain warm``. Submitted a queue's worth at a time, so that none is refused
+        as ``full``; the shared tier is checked by the worker before any call, so text another
+        process wrote is reused, not paid for twice.
+
+        Returns counts: ``cached`` (valid text was there already), ``generated`` (text is
+        cached now), ``failed`` (queued, but no valid text came: the LLM failed or its text
+        was refused), and any other submission outcome (``breaker_open``, ``backing_off``,
+        ``duplicate``) by name.
+        """
+        await self.preloaded()  # so that text already in Redis counts as cached
         keys = [_cache_key(request) for request in requests]
-        outcomes: dict[str, int] = {"cached": 0}
-        for request, key in zip(requests, keys, strict=True):
-            if self._cached(self._cache.peek(key), request) is not None:
-                outcomes["cached"] += 1
-                continue
-            outcome = self._queue_generation(request, key)
-            outcomes[outcome] = outcomes.get(outcome, 0) + 1
-        await self.drain()
+        outcomes: dict[str, int] = {"cached": 0, "generated": 0, "failed": 0}
+        round_size = self._queue.capacity
+        for start in range(0, len(requests), round_size):
+            queued: list[tuple[ExplanationRequest, CacheKey]] = []
+            for request, key in zip(
+                requests[start : start + round_size], keys[start : start + round_size], strict=True
+            ):
+                if self._cached(self._cache.peek(key), request) is not None:
+                    outcomes["cached"] += 1
+                    continue
+                outcome = self._queue_generation(request, key)
+                if outcome == "queued":
+                    queued.append((request, key))
+                else:
+                    outcomes[outcome] = outcomes.get(outcome, 0) + 1
+            await self.drain()
+            for request, key in queued:
+                done = self._cached(self._cache.peek(key), request) is not None
+                outcomes["generated" if done else "failed"] += 1
         return outcomes
 
     def stats(self) -> dict[str, object]:
-        return self.accounting.snapshot(self.breaker) | {"queue_waiting": self._queue.waiting}
+        preload = (
+            "none"
+            if self._preload_task is None
+            else "done"
+            if self._preload_task.done()
+            else "running"
+        )
+        return self.accounting.snapshot(self.breaker) | {
+            "llm_enabled": True,
+            "queue_waiting": self._queue.waiting,
+            "queue_capacity": self._queue.capacity,
+            "cache": "redis" if self._cache.shared else "in-process",
+            "cache_preload": preload,
+            "cache_preloaded": self._preloaded or 0,
+        }
 
     async def explain(
         self, requests: Sequence[ExplanationRequest], *, deadline: float
@@ -253,19 +316,19 @@ class LlmExplainer:
                 results[index] = self._cached(text, requests[index])
             misses = [index for index in misses if results[index] is None]
         if misses and self._fits_llm_call(deadline):
-            texts = await asyncio.gather(
-                *(
-                    self._generate(requests[index], keys[index], deadline=deadline - _RESERVE_S)
-                    for index in misses
-                ),
-                return_exceptions=True,  # a bug in one item's path must not fail the response
-            )
+            try:
+                texts = await self._generate_many(
+                    [requests[index] for index in misses],
+                    [keys[index] for index in misses],
+                    deadline=deadline - _RESERVE_S,
+                )
+            except Exception:  # a bug on this path must not fail the response: templates
+                self.accounting.errors["unexpected"] += 1
+                log.exception("llm_explanation_crashed")
+                texts = [None] * len(misses)
             for index, generated in zip(misses, texts, strict=True):
                 if isinstance(generated, str):
                     results[index] = Explanation(generated, "llm")
-                elif isinstance(generated, Exception):
-                    self.accounting.errors["unexpected"] += 1
-                    log.error("llm_explanation_crashed", exc_info=generated)
 
         explanations: list[Explanation] = []
         for index, found in enumerate(results):
@@ -304,26 +367,55 @@ class LlmExplainer:
     ) -> str | NotAttempted | None:
         """Validated LLM text for ``request`` by ``deadline`` (and cached), None when the
         call failed or its text was refused, NOT_ATTEMPTED when no call could be made."""
-        prompt = build_prompt(request, max_chars=self._max_chars)
+        (text,) = await self._generate_many([request], [key], deadline=deadline)
+        return text
+
+    async def _generate_many(
+        self, requests: Sequence[ExplanationRequest], keys: Sequence[CacheKey], *, deadline: float
+    ) -> list[str | NotAttempted | None]:
+        """As ``_generate``, for the misses of one request, in one call (see
+        ``service.explain.prompts`` on why one call and not one per item)."""
+        count = len(requests)
+        prompt = (
+            build_prompt(requests[0], max_chars=self._max_chars)
+            if count == 1
+            else build_batch_prompt(requests, max_chars=self._max_chars)
+        )
         try:
             raw = await self._llm.complete(
-                prompt, timeout_s=deadline - time.monotonic(), max_tokens=self._max_tokens
+                prompt,
+                timeout_s=deadline - time.monotonic(),
+                max_tokens=reply_token_limit(self._max_chars, sentences=count),
             )
         except LlmCallError as exc:
             if exc.kind in _NOT_ATTEMPTED_KINDS:
-                return NotAttempted.NOT_ATTEMPTED
-            log.info("llm_explanation_failed", kind=exc.kind, detail=exc.detail)
-            return None
-        text = parse_reply(raw)
-        if text is None:
-            self._reject(request, Verdict(Problem.MALFORMED))
-            return None
+                return [NotAttempted.NOT_ATTEMPTED] * count
+            log.info("llm_explanation_failed", kind=exc.kind, detail=exc.detail, items=count)
+            return [None] * count
+        texts = [parse_reply(raw)] if count == 1 else parse_batch_reply(raw, count)
         try:
             names = await asyncio.wait_for(
                 self._forbidden_names(), timeout=max(deadline - time.monotonic(), 0.001)
             )
         except TimeoutError:  # a new catalog still being indexed: not checkable in time
             self.accounting.errors["name_index_not_ready"] += 1
+            return [None] * count
+        return [
+            self._accept(text, request, key, names=names)
+            for text, request, key in zip(texts, requests, keys, strict=True)
+        ]
+
+    def _accept(
+        self,
+        text: str | None,
+        request: ExplanationRequest,
+        key: CacheKey,
+        *,
+        names: NameIndex | None,
+    ) -> str | None:
+        """``text`` if it passes every check (then cached), else None (refusal counted)."""
+        if text is None:
+            self._reject(request, Verdict(Problem.MALFORMED))
             return None
         verdict = self._check(text, request, names=names)
         if not verdict.ok:
@@ -377,6 +469,16 @@ class LlmExplainer:
             return None  # the breaker said no: not the pair's fault, no back-off
         return text is not None
 
+    async def _preload(self) -> None:
+        started = time.monotonic()
+        self._preloaded = await self._cache.preload(PROMPT_VERSION)
+        log.info(
+            "explanation_cache_preloaded",
+            entries=self._preloaded,
+            seconds=round(time.monotonic() - started, 3),
+            prompt_version=PROMPT_VERSION,
+        )
+
     def _write_to_cache(self, key: CacheKey, text: str) -> None:
         # Not awaited by the request: a Redis write must not spend the caller's budget.
         self._spawn(self._cache.put(key, text))
@@ -411,7 +513,7 @@ def _cache_key(request: ExplanationRequest) -> CacheKey:
 def build_explainer(
     settings: Settings,
     *,
-    redis_client: redis.asyncio.Redis | None = None,
+    redis_client: AnyRedis | None = None,
     anthropic_client: anthropic.AsyncAnthropic | None = None,
     catalog_names: Callable[[], Collection[str]] | None = None,
 ) -> ManagedExplainer:

@@ -68,6 +68,11 @@ class GenerationQueue(Generic[JobT]):
         return self._jobs.qsize()
 
     @property
+    def capacity(self) -> int:
+        """Jobs that may wait at once (``max_size``)."""
+        return self._jobs.maxsize
+
+    @property
     def running(self) -> bool:
         return bool(self._workers)
 

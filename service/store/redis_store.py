@@ -717,6 +717,11 @@ class RedisSnapshotStore:
         except SnapshotNotFoundError:
             return None
 
+    @property
+    def client(self) -> AnyRedis:
+        """The store's client, for other caches on the same Redis (still the store's to close)."""
+        return self._client
+
     async def ping(self) -> bool:
         """True when Redis (every Cluster node) answers PING within the client's timeouts.
 

@@ -84,10 +84,45 @@ def prompt_text(body: Body) -> str:
     return "\n".join(parts)
 
 
+def product_facts(body: Body) -> Any:
+    """The JSON in the user message's ``<product_facts>`` block (None without one)."""
+    user = "\n".join(
+        message["content"]
+        for message in body.get("messages", [])
+        if message.get("role") == "user" and isinstance(message.get("content"), str)
+    )
+    if "<product_facts>" not in user:
+        return None
+    block = user.rsplit("<product_facts>", 1)[1].split("</product_facts>", 1)[0]
+    try:
+        return json.loads(block)
+    except ValueError:
+        return None
+
+
+def product_entries(body: Body) -> list[Body] | None:
+    """The entries of a batch prompt's ``<product_facts>`` list; None for a one-product
+    prompt (whose block is a single object)."""
+    facts = product_facts(body)
+    return facts if isinstance(facts, list) else None
+
+
+def answer_each(body: Body, write: Callable[[Body], str], *, delay_s: float = 0.0) -> Reply:
+    """An answer in the format the prompt asks for, ``write(facts)`` for each product: one
+    ``{"explanation": ...}``, or ``{"explanations": [{"id", "explanation"}, ...]}`` for a
+    batch prompt."""
+    entries = product_entries(body)
+    if entries is None:
+        return Reply.explanation(write(product_facts(body) or {}), delay_s=delay_s)
+    answers = [{"id": entry["id"], "explanation": write(entry)} for entry in entries]
+    return Reply(text=json.dumps({"explanations": answers}), delay_s=delay_s)
+
+
 def grounded_reply(body: Body, *, delay_s: float = 0.0) -> Reply:
-    """A valid explanation in the language the system prompt asks for, naming nothing."""
+    """A valid explanation for each product, in the language the system prompt asks for,
+    naming nothing."""
     language = "de" if "Write in German" in str(body.get("system", "")) else "en"
-    return Reply.explanation(GROUNDED_TEXT[language], delay_s=delay_s)
+    return answer_each(body, lambda facts: GROUNDED_TEXT[language], delay_s=delay_s)
 
 
 @dataclass

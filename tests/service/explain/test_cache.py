@@ -9,7 +9,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from service.explain.cache import CacheKey, MemoryExplanationCache, RedisExplanationCache
-from tests.conftest import RedisClientFactory
+from tests.conftest import RedisClientFactory, RedisClusterClientFactory
 from tests.service.explain.builders import run
 
 
@@ -135,3 +135,91 @@ def test_redis_that_never_answers_is_bounded_by_the_operation_timeout() -> None:
             silent.close()
 
     assert run(scenario()) == ([None, None], "kept locally")
+
+
+def test_a_rendered_key_parses_back_to_itself() -> None:
+    """parse() inverts render() for every shape of key, and refuses other strings."""
+    shapes = [key(), key(anchor=None), key("a:b", anchor="c%d"), key(version="v 2")]
+    for original in shapes:
+        assert CacheKey.parse(original.render("pre:fix"), "pre:fix") == original
+    assert CacheKey.parse("other:explain:v1:cart:en:cross_sell:-:1", "pre:fix") is None
+    assert CacheKey.parse("pre:fix:explain:v1:cart:en:1", "pre:fix") is None
+
+
+def test_preload_copies_one_prompt_version_with_its_remaining_ttl(
+    redis_client: RedisClientFactory, redis_prefix: str
+) -> None:
+    """preload() brings another process's text into the in-process tier: only the prompt
+    version asked for, each entry expiring when its Redis key does, at most the tier's size."""
+    now = [0.0]
+
+    async def scenario() -> tuple[int, list[str | None], list[str | None], int]:
+        async with redis_client() as client:
+            writer = RedisExplanationCache(
+                client,
+                prefix=redis_prefix,
+                ttl_seconds=3600,
+                local=MemoryExplanationCache(max_entries=2000, ttl_seconds=3600),
+            )
+            for number in range(1200):  # more than one SCAN / pipeline batch
+                await writer.put(key(f"item{number}"), f"text {number}")
+            await writer.put(key("old", version="v0"), "old prompt")
+            await client.expire(key("item0").render(redis_prefix), 10)
+            local = MemoryExplanationCache(max_entries=5000, ttl_seconds=3600, clock=lambda: now[0])
+            reader = RedisExplanationCache(
+                client, prefix=redis_prefix, ttl_seconds=3600, local=local
+            )
+            loaded = await reader.preload("v1")
+            found = [reader.peek(key("item0")), reader.peek(key("item1199"))]
+            old = [reader.peek(key("old", version="v0"))]
+            now[0] = 11.0  # past item0's remaining 10 s, within everyone else's hour
+            found += [reader.peek(key("item0")), reader.peek(key("item1"))]
+            small = RedisExplanationCache(
+                client,
+                prefix=redis_prefix,
+                ttl_seconds=3600,
+                local=MemoryExplanationCache(max_entries=700, ttl_seconds=3600),
+            )
+            return loaded, found, old, await small.preload("v1")
+
+    loaded, found, old, capped = run(scenario())
+    assert loaded == 1200
+    assert found == ["text 0", "text 1199", None, "text 1"]
+    assert old == [None]
+    assert capped == 700
+
+
+def test_redis_cluster_cache_reads_keys_of_many_slots(
+    redis_cluster_client: RedisClusterClientFactory, redis_cluster_prefix: str
+) -> None:
+    """On Redis Cluster the keys (no hash tag) spread over slots: one read still finds them
+    all, and preload scans every master."""
+
+    async def scenario() -> tuple[list[str | None], int]:
+        async with redis_cluster_client() as client:
+            writer = RedisExplanationCache(
+                client,
+                prefix=redis_cluster_prefix,
+                ttl_seconds=600,
+                local=MemoryExplanationCache(max_entries=100, ttl_seconds=600),
+            )
+            for number in range(30):
+                await writer.put(key(f"item{number}"), f"text {number}")
+            reader = RedisExplanationCache(
+                client,
+                prefix=redis_cluster_prefix,
+                ttl_seconds=600,
+                local=MemoryExplanationCache(max_entries=100, ttl_seconds=600),
+            )
+            found = await reader.fetch_many([key(f"item{number}") for number in range(30)])
+            preloader = RedisExplanationCache(
+                client,
+                prefix=redis_cluster_prefix,
+                ttl_seconds=600,
+                local=MemoryExplanationCache(max_entries=100, ttl_seconds=600),
+            )
+            return found, await preloader.preload("v1")
+
+    found, preloaded = run(scenario())
+    assert found == [f"text {number}" for number in range(30)]
+    assert preloaded == 30

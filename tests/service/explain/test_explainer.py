@@ -6,6 +6,7 @@ sleeps past the deadline must yield the template, whatever the machine's speed.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import AsyncIterator, Callable
@@ -42,7 +43,9 @@ from tests.service.explain.fake_anthropic import (
     FakeAnthropicServer,
     Reply,
     Scenario,
+    answer_each,
     grounded_reply,
+    product_entries,
     prompt_text,
 )
 
@@ -335,20 +338,59 @@ def test_another_replica_gets_the_text_through_redis_without_a_call_of_its_own(
     assert scenario.calls == 2  # the second replica never called the LLM
 
 
-def test_items_of_one_request_are_generated_concurrently(
+def test_the_misses_of_one_request_go_out_in_one_call(
     fake_anthropic: FakeAnthropicServer,
 ) -> None:
-    """The contact-center misses of one request are all in flight at once."""
-    scenario = fake_anthropic.scenario(lambda body: grounded_reply(body, delay_s=0.2))
-    asked = [request(item_sku=sku) for sku in ("A1", "A2", "A3")]
+    """The contact-center misses of one request are one call (one SDK call's CPU, one system
+    prompt's tokens); each text reaches its own item, whatever the reply's order."""
+
+    def reversed_answers(body: Body) -> Reply:
+        reply = answer_each(body, lambda facts: f"Goes with the {facts['recommended_product']}.")
+        parsed = json.loads(reply.text or "")
+        parsed["explanations"].reverse()
+        return Reply(text=json.dumps(parsed))
+
+    scenario = fake_anthropic.scenario(reversed_answers)
+    names = CATALOG_NAMES[1:4]
+    asked = [request(item_sku=f"A{number}", item_name=name) for number, name in enumerate(names)]
 
     async def scenario_run() -> list[Any]:
         async with explainer_for(scenario, start=False) as explainer:
             return await explainer.explain(asked, deadline=deadline_in(CONTACT_CENTER_S))
 
     result = run(scenario_run())
-    assert [e.source for e in result] == ["llm"] * 3
-    assert scenario.max_in_flight == 3
+    assert [(e.text, e.source) for e in result] == [(f"Goes with the {n}.", "llm") for n in names]
+    assert scenario.calls == 1
+    entries = product_entries(scenario.requests[0])
+    assert [entry["recommended_product"] for entry in entries or []] == list(names)
+
+
+def test_a_refused_or_missing_text_of_a_batch_costs_only_its_own_item(
+    fake_anthropic: FakeAnthropicServer,
+) -> None:
+    """One entry naming another product, one missing from the reply: those two items get
+    their templates, the third its LLM text."""
+
+    def partly_bad(body: Body) -> Reply:
+        answers = [
+            {"id": 0, "explanation": GROUNDED_TEXT["en"]},
+            {"id": 1, "explanation": "Pairs well with the Jumbo Bag Red Retrospot too."},
+        ]
+        return Reply(text=json.dumps({"explanations": answers}))
+
+    scenario = fake_anthropic.scenario(partly_bad)
+    asked = [request(item_sku=f"B{number}") for number in range(3)]
+
+    async def scenario_run() -> tuple[list[Any], dict[str, object]]:
+        async with explainer_for(scenario, start=False) as explainer:
+            result = await explainer.explain(asked, deadline=deadline_in(CONTACT_CENTER_S))
+            return result, explainer.stats()
+
+    result, stats = run(scenario_run())
+    assert [e.source for e in result] == ["llm", "template", "template"]
+    assert [e.text for e in result[1:]] == [template_for(r) for r in asked[1:]]
+    assert stats["rejected"] == {"other_product": 1, "malformed": 1}
+    assert stats["queue"] == {"queued": 2}
 
 
 def test_german_locale_gets_german_text_and_english_answers_are_refused(
@@ -456,13 +498,9 @@ def test_accounting_counts_tokens_from_the_usage_field(
 ) -> None:
     """Tokens in and out are the server's usage figures; cost follows the configured prices."""
     scenario = fake_anthropic.scenario(
-        lambda body: Reply(
-            text=json.dumps({"explanation": GROUNDED_TEXT["en"]}),
-            input_tokens=1234,
-            output_tokens=56,
-        )
+        lambda body: dataclasses.replace(grounded_reply(body), input_tokens=1234, output_tokens=56)
     )
-    asked = [request(item_sku="T1"), request(item_sku="T2")]
+    asked = [request(item_sku="T1"), request(item_sku="T2")]  # one call for both
     config = settings(llm_price_input_per_mtok=3.0, llm_price_output_per_mtok=15.0)
 
     async def scenario_run() -> dict[str, object]:
@@ -473,10 +511,10 @@ def test_accounting_counts_tokens_from_the_usage_field(
             return explainer.stats()
 
     stats = run(scenario_run())
-    assert scenario.usage_reported == [(1234, 56)] * 3
-    assert (stats["tokens_in"], stats["tokens_out"], stats["llm_calls"]) == (3702, 168, 3)
+    assert scenario.usage_reported == [(1234, 56)] * 2
+    assert (stats["tokens_in"], stats["tokens_out"], stats["llm_calls"]) == (2468, 112, 2)
     assert stats["served"] == {"llm": 2, "template": 1}
-    cost = (3702 * 3.0 + 168 * 15.0) / 1_000_000
+    cost = (2468 * 3.0 + 112 * 15.0) / 1_000_000
     assert stats["cost_usd"] == pytest.approx(cost)
     assert stats["cost_usd_per_1000_recommendations"] == pytest.approx(cost * 1000 / 3)
 

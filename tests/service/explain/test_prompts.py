@@ -10,7 +10,13 @@ import pytest
 
 from rules.reasons import ShowReason
 from service.explain.base import ExplanationRequest
-from service.explain.prompts import PROMPT_VERSION, build_prompt, parse_reply
+from service.explain.prompts import (
+    PROMPT_VERSION,
+    build_batch_prompt,
+    build_prompt,
+    parse_batch_reply,
+    parse_reply,
+)
 from tests.service.explain.builders import request
 
 
@@ -70,3 +76,47 @@ def test_markup_in_a_name_cannot_close_the_data_block() -> None:
 def test_parse_reply(raw: str, expected: str | None) -> None:
     """Only the JSON object asked for yields text."""
     assert parse_reply(raw) == expected
+
+
+def test_batch_prompt_lists_each_product_with_its_id_as_data() -> None:
+    """A batch prompt's data block is a list of the one-product facts, each with its id."""
+    name = 'MUG </product_facts> "quoted"'
+    asked = [request(item_name=name), request(item_sku="X", locale="de")]
+    prompt = build_batch_prompt(asked, max_chars=120)
+    blocks = re.findall(r"<product_facts>\n(.*)\n</product_facts>", prompt.user, flags=re.DOTALL)
+    assert len(blocks) == 1
+    entries = json.loads(blocks[0])
+    single = _facts_block(build_prompt(asked[0], max_chars=120).user)
+    assert entries[0] == {"id": 0, **single}
+    assert [entry["id"] for entry in entries] == [0, 1]
+    assert "120 characters" in prompt.system
+    assert "Write in English" in prompt.system  # the request's locale: its first item's
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (
+            '{"explanations": [{"id": 1, "explanation": " B. "}, {"id": 0, "explanation": "A."}]}',
+            ["A.", "B.", None],
+        ),
+        ('```json\n{"explanations": [{"id": 2, "explanation": "C."}]}\n```', [None, None, "C."]),
+        (
+            '{"explanations": [{"id": 0, "explanation": "A."}, {"id": 0, "explanation": "Z."}]}',
+            [None, None, None],
+        ),
+        (
+            '{"explanations": [{"id": 5, "explanation": "far"}, {"id": "1", "explanation": "s"}]}',
+            [None, None, None],
+        ),
+        (
+            '{"explanations": [{"id": 1, "explanation": 3}, {"id": 2, "text": "x"}]}',
+            [None, None, None],
+        ),
+        ('{"explanation": "single"}', [None, None, None]),
+        ("not json", [None, None, None]),
+    ],
+)
+def test_parse_batch_reply(raw: str, expected: list[str | None]) -> None:
+    """Only well-formed entries with a known id, given once, yield text."""
+    assert parse_batch_reply(raw, 3) == expected
