@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from functools import cached_property
 
 import numpy as np
 import numpy.typing as npt
@@ -74,8 +75,14 @@ class CompiledPolicy:
     # 0 where the objective is ``relevance``: that objective has nothing to blend in.
     margin_weight: FloatArray
     objective_code: npt.NDArray[np.int8]  # index into OBJECTIVES
-    # Per channel row: the objective code every category shares there, or -1 if they differ.
+    # Per channel row: the objective code every category shares there, or -1 if they differ;
+    # and the objective codes in use there.
     single_objective: tuple[int, ...]
+    channel_objectives: tuple[tuple[int, ...], ...]
+    # The ranking's stock factor as a step function of available + inbound units: the
+    # factor of units u is stock_factors[searchsorted(stock_breaks, u, side="right")].
+    stock_breaks: IntArray
+    stock_factors: FloatArray
     restricted_pairs: BoolArray  # (categories + 1, categories + 1), symmetric
     # Per category code: the codes it may never be shown or recommended with.
     restricted_partners: tuple[frozenset[int], ...]
@@ -111,6 +118,7 @@ def compile_policy(policy: Policy, catalog: Catalog) -> CompiledPolicy:
     excluded_item = np.fromiter(
         (brand in excluded_brands for brand in catalog.brands), dtype=np.bool_, count=len(catalog)
     )
+    stock_breaks, stock_factors = _stock_steps(policy)
     mentioned = {
         *(entry.category for entry in policy.margin_floors),
         *(knob.category for knob in policy.ranking.knobs),
@@ -126,6 +134,9 @@ def compile_policy(policy: Policy, catalog: Catalog) -> CompiledPolicy:
         single_objective=tuple(
             int(codes[0]) if (codes == codes[0]).all() else -1 for codes in objective
         ),
+        channel_objectives=tuple(tuple(np.unique(codes).tolist()) for codes in objective),
+        stock_breaks=stock_breaks,
+        stock_factors=stock_factors,
         restricted_pairs=restricted,
         restricted_partners=tuple(
             frozenset(int(code) for code in np.flatnonzero(partners)) for partners in restricted
@@ -139,6 +150,24 @@ def compile_policy(policy: Policy, catalog: Catalog) -> CompiledPolicy:
             sorted(name for name in mentioned if name is not None and name not in code_of)
         ),
     )
+
+
+def _stock_steps(policy: Policy) -> tuple[IntArray, FloatArray]:
+    """Low stock scales contribution by ``low_stock_factor`` under ``low_stock_units``;
+    overstock (at or above ``overstock_units``, when set) by 1 + ``sell_through_boost``."""
+    ranking = policy.ranking
+    low, over = ranking.low_stock_units, ranking.overstock_units
+
+    def factor(units: int) -> float:
+        scaled = ranking.low_stock_factor if units < low else 1.0
+        if over and units >= over:
+            scaled *= 1.0 + ranking.sell_through_boost
+        return scaled
+
+    breaks = sorted({units for units in (low, over) if units})
+    # One factor per segment: below the first break, then from each break on.
+    factors = [factor(min(breaks, default=0) - 1), *(factor(units) for units in breaks)]
+    return np.array(breaks, dtype=np.int64), np.array(factors, dtype=np.float64)
 
 
 def _item_rows(catalog: Catalog, excluded_item: BoolArray) -> npt.NDArray[np.void]:
@@ -319,6 +348,11 @@ class RequestFacts:
     node_cost: FloatArray
     basket_node: BoolArray
 
+    @cached_property
+    def node_cost_rank(self) -> IntArray:
+        """Per node, how many eligible nodes ship more cheaply (equal costs share a rank)."""
+        return _cost_rank(self.node_cost)
+
     def with_basket_nodes(self, basket_node: BoolArray) -> RequestFacts:
         """The request once the basket's shipping nodes are known (``basket_shipping_nodes``)."""
         return RequestFacts(
@@ -411,10 +445,11 @@ def in_store_assortment(c: CandidateFacts, r: RequestFacts, p: CompiledPolicy) -
 def stock_covers_quantity(
     c: CandidateFacts, r: RequestFacts, p: CompiledPolicy
 ) -> BoolArray | None:
-    """ATP minus safety stock covers the quantity at one eligible node at least."""
-    if c.available.shape[1] == 0:
-        return np.zeros(len(c), dtype=np.bool_)
-    return np.asarray(c.available.max(axis=1) >= r.quantity, dtype=np.bool_)
+    """ATP minus safety stock covers the quantity at one eligible node at least: exactly
+    where ``choose_fulfillment_node`` found a node, so its cost is not NaN (facts that
+    have not been through ``with_fulfilment`` have NaN costs: nothing passes)."""
+    covered: BoolArray = c.fulfilment_cost == c.fulfilment_cost  # False only for NaN
+    return covered
 
 
 def split_shipment_economic(
@@ -488,6 +523,7 @@ _COLUMN_BITS = 6  # up to 64 eligible nodes in the packed key; more take the slo
 _STOCK_BITS = 21
 _STOCK_CAP = 2**_STOCK_BITS - 1
 _NOT_COVERED = np.iinfo(np.int64).max
+_SMALL_BASKET_CELLS = 256  # basket lines x nodes up to which the plain-Python path is faster
 
 
 def _cost_rank(node_cost: FloatArray) -> IntArray:
@@ -514,16 +550,14 @@ def _best_columns(available: IntArray, quantity: int | IntArray, preference: Int
             + (_STOCK_CAP << _COLUMN_BITS)
             + np.arange(columns)
         )
-        key = node_part - (stock << _COLUMN_BITS)
-        key[shortfall] = _NOT_COVERED
+        key = np.where(shortfall, _NOT_COVERED, node_part - (stock << _COLUMN_BITS))
         best = key.min(axis=1)
         column: IntArray = best & (2**_COLUMN_BITS - 1)
         column[best == _NOT_COVERED] = -1
         return column
-    key = (preference << _STOCK_BITS) + _STOCK_CAP - stock
-    key[shortfall] = _NOT_COVERED
+    key = np.where(shortfall, _NOT_COVERED, (preference << _STOCK_BITS) + _STOCK_CAP - stock)
     column = key.argmin(axis=1)
-    column[~(~shortfall).any(axis=1)] = -1
+    column[key.min(axis=1) == _NOT_COVERED] = -1
     return column
 
 
@@ -541,9 +575,25 @@ def basket_shipping_nodes(
     grouping them onto fewer nodes (a set cover) is not attempted. A line no node covers
     ships from nowhere.
     """
-    basket_node = np.zeros(basket_available.shape[1], dtype=np.bool_)
-    column = _best_columns(basket_available, basket_quantity[:, np.newaxis], _cost_rank(node_cost))
-    basket_node[column[column >= 0]] = True
+    lines, columns = basket_available.shape
+    basket_node = np.zeros(columns, dtype=np.bool_)
+    if lines * columns > _SMALL_BASKET_CELLS:
+        column = _best_columns(
+            basket_available, basket_quantity[:, np.newaxis], _cost_rank(node_cost)
+        )
+        basket_node[column[column >= 0]] = True
+        return basket_node
+    # A usual basket is a few lines: plain Python beats a dozen numpy calls on tiny arrays.
+    costs = node_cost.tolist()
+    for line, needed in zip(basket_available.tolist(), basket_quantity.tolist(), strict=True):
+        best: tuple[float, int, int] | None = None
+        for column_index, units in enumerate(line):
+            if units >= needed:
+                key = (costs[column_index], -units, column_index)
+                if best is None or key < best:
+                    best = key
+        if best is not None:
+            basket_node[best[2]] = True
     return basket_node
 
 
@@ -558,13 +608,17 @@ def choose_fulfillment_node(
     Column -1 and cost NaN where no eligible node covers the quantity.
     """
     columns = available.shape[1]
-    charge = policy.policy.fulfilment.charge_split_shipments and bool(request.basket_node.any())
-    node_cost = request.node_cost if charge else np.zeros(columns)
-    free = request.basket_node | (node_cost == 0)
-    preference = np.where(free, 0, 1 + _cost_rank(node_cost))
+    # Per column, the cost charged; one past the last column NaN, so that column -1 (no
+    # node covers) gathers NaN.
+    charged = np.zeros(columns + 1)
+    charged[columns] = np.nan
+    if policy.policy.fulfilment.charge_split_shipments and request.basket_node.any():
+        free = request.basket_node | (request.node_cost == 0)
+        preference = np.where(free, 0, 1 + request.node_cost_rank)
+        charged[:columns] = np.where(free, 0.0, request.node_cost)
+    else:  # every shipment is free: most stock decides
+        preference = np.zeros(columns, dtype=np.int64)
     column = _best_columns(available, request.quantity, preference)
-    # One past the last node: NaN, so that column -1 (no node) gathers NaN.
-    charged = np.append(np.where(free, 0.0, node_cost), np.nan)
     return column, charged[column]
 
 

@@ -71,13 +71,9 @@ def score(inputs: RankingInputs, policy: CompiledPolicy, channel: Channel) -> Sc
     # A return refunds the price and costs handling: the margin is lost, plus handling.
     return_cost = inputs.return_rate * (inputs.unit_margin + ranking.return_handling_cost)
     stock_factor: FloatArray | float = 1.0
-    if ranking.low_stock_units:
-        stock_factor = np.where(
-            inputs.stock_units < ranking.low_stock_units, ranking.low_stock_factor, 1.0
-        )
-    if ranking.overstock_units and ranking.sell_through_boost:
-        overstocked = inputs.stock_units >= ranking.overstock_units
-        stock_factor = stock_factor * np.where(overstocked, 1.0 + ranking.sell_through_boost, 1.0)
+    if policy.stock_breaks.size:
+        segment = np.searchsorted(policy.stock_breaks, inputs.stock_units, side="right")
+        stock_factor = policy.stock_factors[segment]
     contribution = (
         inputs.p_accept * (inputs.unit_margin - return_cost - inputs.fulfilment_cost)
     ) * stock_factor
@@ -97,15 +93,19 @@ def score(inputs: RankingInputs, policy: CompiledPolicy, channel: Channel) -> Sc
     single = policy.single_objective[row]
     if single >= 0:  # the usual case: one objective for every category on the channel
         value = objective_value(single)
-        normalised = _normalised(value)
+        scale = float(np.max(np.abs(value))) if value.size else 0.0
+        normalised = value / scale if scale > 0 else np.zeros_like(value)
     else:
         objective = policy.objective_code[row][codes]
         value = np.empty(len(codes))
-        normalised = np.empty(len(codes))
-        for code in np.unique(objective).tolist():
+        normalised = np.zeros(len(codes))
+        for code in policy.channel_objectives[row]:
             ranked_by_it = objective == code
-            value[ranked_by_it] = objective_value(code)[ranked_by_it]
-            normalised[ranked_by_it] = _normalised(value[ranked_by_it])
+            of_it = objective_value(code)
+            np.copyto(value, of_it, where=ranked_by_it)
+            scale = float(np.max(np.abs(of_it), where=ranked_by_it, initial=0.0))
+            if scale > 0:
+                np.copyto(normalised, of_it / scale, where=ranked_by_it)
     final = (1.0 - weight) * inputs.relevance + weight * normalised
     return ScoreParts(
         return_cost=return_cost,
@@ -114,12 +114,6 @@ def score(inputs: RankingInputs, policy: CompiledPolicy, channel: Channel) -> Sc
         margin_weight=weight,
         final=final,
     )
-
-
-def _normalised(value: FloatArray) -> FloatArray:
-    """``value / max |value|``, in [-1, 1]; zeros when every value is 0."""
-    scale = float(np.max(np.abs(value))) if value.size else 0.0
-    return value / scale if scale > 0 else np.zeros_like(value)
 
 
 def rank(
