@@ -62,7 +62,13 @@ def run(
         available = [[10] for _ in skus]
     request_args.setdefault("node_cost", [0.0] * len(available[0]))
     candidate_facts = facts(
-        CATALOG, skus, available=available, uses_history=uses_history, compiled=COMPILED, now=now
+        CATALOG,
+        skus,
+        available=available,
+        uses_history=uses_history,
+        compiled=COMPILED,
+        channel=request_args.get("channel", "cart"),  # type: ignore[arg-type]
+        now=now,
     )
     request_facts = request(CATALOG, now=now, **request_args)  # type: ignore[arg-type]
     return judge(candidate_facts, request_facts, COMPILED)[0]
