@@ -194,12 +194,13 @@ class _Picker:
                 return
 
     def backfill(self) -> None:
-        """Fill a short list from the capped-out candidates, best first."""
+        """Fill a short list from the capped-out candidates, best first. No restriction
+        check is needed: a capped candidate's category is already shown, so any partner
+        chosen since would have clashed with that shown item first."""
         for row, code in self.capped:
             if self.full:
                 return
-            if code not in self.blocked:
-                self._take(row, code, self.per_category[code])
+            self._take(row, code, self.per_category[code])
 
     def _take(self, row: int, code: int, taken: int) -> None:
         self.chosen.append(row)
