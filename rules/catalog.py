@@ -14,9 +14,9 @@ import numpy as np
 import numpy.typing as npt
 import polars as pl
 
+from rules.staleness import epoch_us
 
-def _datetime_us(moment: datetime) -> np.int64:
-    return np.datetime64(moment.replace(tzinfo=None), "us").astype(np.int64)
+_NEVER = np.iinfo(np.int64).max
 
 
 @dataclass(frozen=True, eq=False)
@@ -26,11 +26,13 @@ class Catalog:
     skus: tuple[str, ...]
     names: tuple[str, ...]
     categories: tuple[str, ...]  # distinct category names; category_code indexes this
-    category_code: npt.NDArray[np.int32]
+    category_code: npt.NDArray[np.int64]
     unit_cost: npt.NDArray[np.float64]
     unit_price: npt.NDArray[np.float64]
     promo_price: npt.NDArray[np.float64]  # NaN where there is no promotion
-    promo_start_us: npt.NDArray[np.int64]  # microseconds since the epoch
+    # Microseconds since the epoch; the start is "never" where there is no promotion price,
+    # so that the window test alone says whether a promotion is live.
+    promo_start_us: npt.NDArray[np.int64]
     promo_end_us: npt.NDArray[np.int64]
     age_restricted: npt.NDArray[np.bool_]
     ship_to_home: npt.NDArray[np.bool_]
@@ -50,23 +52,43 @@ class Catalog:
         self, positions: npt.NDArray[np.int64], *, now: datetime
     ) -> npt.NDArray[np.bool_]:
         """True where a promotion price exists and ``now`` is inside [start, end)."""
-        moment = _datetime_us(now)
-        live: npt.NDArray[np.bool_] = (
-            ~np.isnan(self.promo_price[positions])
-            & (self.promo_start_us[positions] <= moment)
-            & (moment < self.promo_end_us[positions])
+        return promotion_live(
+            self.promo_start_us[positions], self.promo_end_us[positions], now_us=epoch_us(now)
         )
-        return live
 
     def effective_price(
         self, positions: npt.NDArray[np.int64], *, now: datetime
     ) -> npt.NDArray[np.float64]:
         """Promotion price inside its window, regular price otherwise."""
-        live = self.on_promotion(positions, now=now)
-        price: npt.NDArray[np.float64] = np.where(
-            live, self.promo_price[positions], self.unit_price[positions]
+        return price_at(
+            self.unit_price[positions],
+            self.promo_price[positions],
+            self.promo_start_us[positions],
+            self.promo_end_us[positions],
+            now_us=epoch_us(now),
         )
-        return price
+
+
+def promotion_live(
+    promo_start_us: npt.NDArray[np.int64], promo_end_us: npt.NDArray[np.int64], *, now_us: int
+) -> npt.NDArray[np.bool_]:
+    """True where ``now_us`` is inside [start, end) (start is "never" without a promotion)."""
+    live: npt.NDArray[np.bool_] = (promo_start_us <= now_us) & (now_us < promo_end_us)
+    return live
+
+
+def price_at(
+    unit_price: npt.NDArray[np.float64],
+    promo_price: npt.NDArray[np.float64],
+    promo_start_us: npt.NDArray[np.int64],
+    promo_end_us: npt.NDArray[np.int64],
+    *,
+    now_us: int,
+) -> npt.NDArray[np.float64]:
+    """The effective price: the promotion price inside its window, the regular one outside."""
+    live = promotion_live(promo_start_us, promo_end_us, now_us=now_us)
+    price: npt.NDArray[np.float64] = np.where(live, promo_price, unit_price)
+    return price
 
 
 def catalog_from_items(items: pl.DataFrame) -> Catalog:
@@ -76,12 +98,15 @@ def catalog_from_items(items: pl.DataFrame) -> Catalog:
     categories = tuple(sorted(category_series.unique().to_list()))
     code_of = {name: code for code, name in enumerate(categories)}
     category_code = np.fromiter(
-        (code_of[name] for name in category_series.to_list()), dtype=np.int32, count=len(skus)
+        (code_of[name] for name in category_series.to_list()), dtype=np.int64, count=len(skus)
     )
     promo_price = items.get_column("promo_price").cast(pl.Float64).fill_null(np.nan).to_numpy()
     promo_start = items.get_column("promo_start").cast(pl.Datetime("us")).cast(pl.Int64)
     promo_end = items.get_column("promo_end").cast(pl.Datetime("us")).cast(pl.Int64)
-    # A promotion without a start is live from the beginning; without an end, until replaced.
+    # A promotion without a start is live from the beginning; without an end, until replaced;
+    # without a price, never.
+    promo_start_us = promo_start.fill_null(np.iinfo(np.int64).min).to_numpy().astype(np.int64)
+    promo_start_us[np.isnan(promo_price)] = _NEVER
     return Catalog(
         skus=skus,
         names=tuple(items.get_column("name").to_list()),
@@ -90,8 +115,8 @@ def catalog_from_items(items: pl.DataFrame) -> Catalog:
         unit_cost=items.get_column("unit_cost").to_numpy().astype(np.float64),
         unit_price=items.get_column("unit_price").to_numpy().astype(np.float64),
         promo_price=np.asarray(promo_price, dtype=np.float64),
-        promo_start_us=promo_start.fill_null(np.iinfo(np.int64).min).to_numpy().astype(np.int64),
-        promo_end_us=promo_end.fill_null(np.iinfo(np.int64).max).to_numpy().astype(np.int64),
+        promo_start_us=promo_start_us,
+        promo_end_us=promo_end.fill_null(_NEVER).to_numpy().astype(np.int64),
         age_restricted=items.get_column("age_restricted").to_numpy().astype(np.bool_),
         ship_to_home=items.get_column("ship_to_home").to_numpy().astype(np.bool_),
         return_rate=items.get_column("return_rate").to_numpy().astype(np.float64),

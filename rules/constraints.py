@@ -4,20 +4,27 @@ Every constraint has one signature, ``(candidates, request, policy) -> keep mask
 is the ordered tuples ``MASTER_CONSTRAINTS`` (item master only) and ``STOCK_CONSTRAINTS``
 (need the stock read); adding a rule is adding an entry. A candidate dropped by several rules
 is attributed to the first one in that order, so every drop names exactly one rule.
+
+A request runs: ``candidate_facts`` -> ``apply_constraints(MASTER_CONSTRAINTS)`` -> stock read
+for the survivors and the basket -> ``available_units`` -> ``sellable_stock`` ->
+``basket_shipping_nodes`` -> ``CandidateFacts.with_stock`` -> ``with_fulfilment`` ->
+``apply_constraints(STOCK_CONSTRAINTS)``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime
+from functools import cached_property
 
 import numpy as np
 import numpy.typing as npt
 
-from rules.catalog import Catalog
+from rules.catalog import Catalog, price_at
 from rules.policy import CHANNELS, Channel, Objective, Policy
 from rules.reasons import DropReason
+from rules.staleness import epoch_us
 
 KEPT = -1  # value of ``drop_reason`` for a candidate no rule dropped
 OBJECTIVES: tuple[Objective, ...] = ("margin", "sell_through", "revenue", "relevance")
@@ -26,6 +33,31 @@ _UNKNOWN_CATEGORY = "\0unknown-category"
 BoolArray = npt.NDArray[np.bool_]
 IntArray = npt.NDArray[np.int64]
 FloatArray = npt.NDArray[np.float64]
+
+# Everything a request reads about one item, packed in one 64-byte record: a candidate's
+# facts then cost one cache line of the item master, not one line per column (a request
+# gathers 500 random items of a 100k catalog, and column by column that was most of the
+# cost of building its facts).
+ITEM_ROW = np.dtype(
+    {
+        "names": [
+            "unit_price",
+            "promo_price",
+            "unit_cost",
+            "return_rate",
+            "promo_start_us",
+            "promo_end_us",
+            "category_code",
+            "age_restricted",
+            "ship_to_home",
+            "excluded_vendor",
+        ],
+        "formats": ["f8", "f8", "f8", "f8", "i8", "i8", "i8", "?", "?", "?"],
+        "offsets": [0, 8, 16, 24, 32, 40, 48, 56, 57, 58],
+        "itemsize": 64,
+    }
+)
+_CACHE_LINE = 64
 
 
 @dataclass(frozen=True, eq=False)
@@ -40,11 +72,27 @@ class CompiledPolicy:
     channel_row: dict[Channel, int]
     floor_absolute: FloatArray
     floor_percent: FloatArray
+    # 0 where the objective is ``relevance``: that objective has nothing to blend in.
     margin_weight: FloatArray
     objective_code: npt.NDArray[np.int8]  # index into OBJECTIVES
+    # Per channel row: the objective code every category shares there, or -1 if they differ;
+    # and the objective codes in use there.
+    single_objective: tuple[int, ...]
+    channel_objectives: tuple[tuple[int, ...], ...]
+    # The ranking's stock factor as a step function of available + inbound units: the
+    # factor of units u is stock_factors[searchsorted(stock_breaks, u, side="right")].
+    stock_breaks: IntArray
+    stock_factors: FloatArray
     restricted_pairs: BoolArray  # (categories + 1, categories + 1), symmetric
+    # Per category code: the codes it may never be shown or recommended with.
+    restricted_partners: tuple[frozenset[int], ...]
     excluded_item: BoolArray  # per catalog position: its brand is excluded
+    item_rows: npt.NDArray[np.void]  # per catalog position, an ITEM_ROW record
     age_verified: dict[Channel, bool]
+    # Category names the policy mentions that the catalog does not know: settings for them
+    # have no effect on this catalog, which is worth a warning, not a refusal (the catalog
+    # changes with every snapshot).
+    unknown_categories: tuple[str, ...]
 
 
 def compile_policy(policy: Policy, catalog: Catalog) -> CompiledPolicy:
@@ -58,8 +106,8 @@ def compile_policy(policy: Policy, catalog: Catalog) -> CompiledPolicy:
             floor = policy.floor_for(category=category, channel=channel)
             knob = policy.knob_for(category=category, channel=channel)
             absolute[row, column], percent[row, column] = floor.absolute, floor.percent
-            weight[row, column] = knob.margin_weight
             objective[row, column] = OBJECTIVES.index(knob.objective)
+            weight[row, column] = 0.0 if knob.objective == "relevance" else knob.margin_weight
     code_of = {name: code for code, name in enumerate(catalog.categories)}
     restricted = np.zeros((len(categories), len(categories)), dtype=np.bool_)
     for first, second in policy.restrictions.category_pairs:
@@ -70,6 +118,12 @@ def compile_policy(policy: Policy, catalog: Catalog) -> CompiledPolicy:
     excluded_item = np.fromiter(
         (brand in excluded_brands for brand in catalog.brands), dtype=np.bool_, count=len(catalog)
     )
+    stock_breaks, stock_factors = _stock_steps(policy)
+    mentioned = {
+        *(entry.category for entry in policy.margin_floors),
+        *(knob.category for knob in policy.ranking.knobs),
+        *(name for pair in policy.restrictions.category_pairs for name in pair),
+    }
     return CompiledPolicy(
         policy=policy,
         channel_row={channel: row for row, channel in enumerate(CHANNELS)},
@@ -77,12 +131,53 @@ def compile_policy(policy: Policy, catalog: Catalog) -> CompiledPolicy:
         floor_percent=percent,
         margin_weight=weight,
         objective_code=objective,
+        single_objective=tuple(
+            int(codes[0]) if (codes == codes[0]).all() else -1 for codes in objective
+        ),
+        channel_objectives=tuple(tuple(np.unique(codes).tolist()) for codes in objective),
+        stock_breaks=stock_breaks,
+        stock_factors=stock_factors,
         restricted_pairs=restricted,
+        restricted_partners=tuple(
+            frozenset(int(code) for code in np.flatnonzero(partners)) for partners in restricted
+        ),
         excluded_item=excluded_item,
+        item_rows=_item_rows(catalog, excluded_item),
         age_verified={
             channel: channel in policy.restrictions.age_verified_channels for channel in CHANNELS
         },
+        unknown_categories=tuple(
+            sorted(name for name in mentioned if name is not None and name not in code_of)
+        ),
     )
+
+
+def _stock_steps(policy: Policy) -> tuple[IntArray, FloatArray]:
+    """Low stock scales contribution by ``low_stock_factor`` under ``low_stock_units``;
+    overstock (at or above ``overstock_units``, when set) by 1 + ``sell_through_boost``."""
+    ranking = policy.ranking
+    low, over = ranking.low_stock_units, ranking.overstock_units
+
+    def factor(units: int) -> float:
+        scaled = ranking.low_stock_factor if units < low else 1.0
+        if over and units >= over:
+            scaled *= 1.0 + ranking.sell_through_boost
+        return scaled
+
+    breaks = sorted({units for units in (low, over) if units})
+    # One factor per segment: below the first break, then from each break on.
+    factors = [factor(min(breaks, default=0) - 1), *(factor(units) for units in breaks)]
+    return np.array(breaks, dtype=np.int64), np.array(factors, dtype=np.float64)
+
+
+def _item_rows(catalog: Catalog, excluded_item: BoolArray) -> npt.NDArray[np.void]:
+    # Aligned to a cache line, so that each record is exactly one line.
+    raw = np.zeros(len(catalog) * ITEM_ROW.itemsize + _CACHE_LINE, dtype=np.uint8)
+    start = -raw.ctypes.data % _CACHE_LINE
+    rows = raw[start : start + len(catalog) * ITEM_ROW.itemsize].view(ITEM_ROW)
+    for name in ITEM_ROW.names or ():
+        rows[name] = excluded_item if name == "excluded_vendor" else getattr(catalog, name)
+    return rows
 
 
 @dataclass(frozen=True, eq=False)
@@ -90,11 +185,14 @@ class CandidateFacts:
     """Everything a rule may look at, one row per candidate (parallel arrays).
 
     Stock arrays have one column per eligible node. ``available`` is ATP minus safety stock
-    where the item may be sold from that node, -1 where it may not (not ranged, or a DC
-    column on POS for an item not sold for delivery); ``ranged_at_store`` is POS only.
-    Before the stock read the stock arrays are placeholders that no master rule reads.
-    Stock arrays are column-major (Fortran order): rules reduce across the few node columns
-    for every candidate, which numpy does several times faster in that layout.
+    where the item may be sold from that node (negative when ATP is under safety stock), -1
+    where it may not (no inventory row, a figure too old to trust, or a DC column on POS for
+    an item not sold for home delivery). Whether an item is ranged is a separate fact,
+    ``ranged_at_store`` (POS only): an item ranged at the store with nothing to sell is out
+    of stock, not out of the assortment. Before the stock read the stock arrays are
+    placeholders that no master rule reads. Stock arrays are column-major (Fortran order):
+    rules reduce across the few node columns for every candidate, which numpy does several
+    times faster in that layout.
     """
 
     catalog_pos: IntArray  # -1 where the item master lacks the SKU
@@ -102,8 +200,12 @@ class CandidateFacts:
     uses_history: BoolArray  # proposed from the customer's own history
     age_restricted: BoolArray
     excluded_vendor: BoolArray
+    ship_to_home: BoolArray  # may be sold at a store for home delivery
     effective_price: FloatArray  # NaN where unknown
     unit_margin: FloatArray  # effective price - unit cost; NaN where unknown
+    return_rate: FloatArray  # share of units sold that come back; NaN where unknown
+    # The request channel's floor for this item: max(absolute, percent x effective price).
+    margin_floor: FloatArray
     available: IntArray
     inbound: IntArray
     ranged_at_store: BoolArray
@@ -115,25 +217,117 @@ class CandidateFacts:
 
     def take(self, rows: IntArray) -> CandidateFacts:
         """The facts of ``rows`` only (stock arrays too)."""
+        return self.with_stock(
+            rows,
+            available=np.asfortranarray(self.available[rows]),
+            inbound=np.asfortranarray(self.inbound[rows]),
+            ranged_at_store=self.ranged_at_store[rows],
+        )
+
+    def with_fulfilment_cost(self, cost: FloatArray) -> CandidateFacts:
+        # Spelled out: dataclasses.replace costs more than the rules it sits between.
+        return CandidateFacts(
+            catalog_pos=self.catalog_pos,
+            category_code=self.category_code,
+            uses_history=self.uses_history,
+            age_restricted=self.age_restricted,
+            excluded_vendor=self.excluded_vendor,
+            ship_to_home=self.ship_to_home,
+            effective_price=self.effective_price,
+            unit_margin=self.unit_margin,
+            return_rate=self.return_rate,
+            margin_floor=self.margin_floor,
+            available=self.available,
+            inbound=self.inbound,
+            ranged_at_store=self.ranged_at_store,
+            fulfilment_cost=cost,
+        )
+
+    def with_stock(
+        self,
+        rows: IntArray,
+        *,
+        available: IntArray,
+        inbound: IntArray,
+        ranged_at_store: BoolArray,
+    ) -> CandidateFacts:
+        """The facts of ``rows`` only, with their stock as read (one row per entry of
+        ``rows``): what the stock rules judge, without copying placeholder stock around."""
         return CandidateFacts(
             catalog_pos=self.catalog_pos[rows],
             category_code=self.category_code[rows],
             uses_history=self.uses_history[rows],
             age_restricted=self.age_restricted[rows],
             excluded_vendor=self.excluded_vendor[rows],
+            ship_to_home=self.ship_to_home[rows],
             effective_price=self.effective_price[rows],
             unit_margin=self.unit_margin[rows],
-            available=_take_rows(self.available, rows),
-            inbound=_take_rows(self.inbound, rows),
-            ranged_at_store=self.ranged_at_store[rows],
+            return_rate=self.return_rate[rows],
+            margin_floor=self.margin_floor[rows],
+            available=available,
+            inbound=inbound,
+            ranged_at_store=ranged_at_store,
             fulfilment_cost=self.fulfilment_cost[rows],
         )
 
 
-def _take_rows(matrix: IntArray, rows: IntArray) -> IntArray:
-    # Indexing the transpose's columns keeps a column-major input column-major.
-    taken: IntArray = matrix.T[:, rows].T
-    return taken
+def candidate_facts(
+    catalog: Catalog,
+    policy: CompiledPolicy,
+    catalog_pos: IntArray,
+    *,
+    uses_history: BoolArray,
+    channel: Channel,
+    now: datetime,
+    nodes: int,
+) -> CandidateFacts:
+    """The item-master facts of candidates at catalog positions ``catalog_pos`` (-1 where
+    the item master lacks the SKU), with placeholder stock for ``nodes`` eligible nodes."""
+    count = len(catalog_pos)
+    all_known = not count or int(catalog_pos.min()) >= 0
+    items = np.take(policy.item_rows, catalog_pos if all_known else np.maximum(catalog_pos, 0))
+    category_code: IntArray = items["category_code"]
+    price = price_at(
+        items["unit_price"],
+        items["promo_price"],
+        items["promo_start_us"],
+        items["promo_end_us"],
+        now_us=epoch_us(now),
+    )
+    unit_margin = price - items["unit_cost"]
+    return_rate: FloatArray = items["return_rate"]
+    age_restricted: BoolArray = items["age_restricted"]
+    excluded_vendor: BoolArray = items["excluded_vendor"]
+    ship_to_home: BoolArray = items["ship_to_home"]
+    if not all_known:  # the gathered records are a copy: patching them changes no table
+        unknown = catalog_pos < 0
+        category_code[unknown] = len(catalog.categories)
+        price[unknown] = np.nan
+        unit_margin[unknown] = np.nan
+        return_rate[unknown] = np.nan
+        age_restricted[unknown] = False
+        excluded_vendor[unknown] = False
+        ship_to_home[unknown] = False
+    row = policy.channel_row[channel]
+    margin_floor = np.maximum(
+        policy.floor_absolute[row][category_code], policy.floor_percent[row][category_code] * price
+    )
+    return CandidateFacts(
+        catalog_pos=catalog_pos,
+        category_code=category_code,
+        uses_history=uses_history,
+        age_restricted=age_restricted,
+        excluded_vendor=excluded_vendor,
+        ship_to_home=ship_to_home,
+        effective_price=price,
+        unit_margin=unit_margin,
+        return_rate=return_rate,
+        margin_floor=margin_floor,
+        available=np.full((count, nodes), -1, dtype=np.int64, order="F"),
+        inbound=np.zeros((count, nodes), dtype=np.int64, order="F"),
+        ranged_at_store=np.zeros(count, dtype=np.bool_),
+        fulfilment_cost=np.full(count, np.nan),
+    )
 
 
 @dataclass(frozen=True, eq=False)
@@ -154,92 +348,118 @@ class RequestFacts:
     node_cost: FloatArray
     basket_node: BoolArray
 
+    @cached_property
+    def node_cost_rank(self) -> IntArray:
+        """Per node, how many eligible nodes ship more cheaply (equal costs share a rank)."""
+        return _cost_rank(self.node_cost)
 
-Constraint = Callable[[CandidateFacts, RequestFacts, CompiledPolicy], BoolArray]
+    def with_basket_nodes(self, basket_node: BoolArray) -> RequestFacts:
+        """The request once the basket's shipping nodes are known (``basket_shipping_nodes``)."""
+        return RequestFacts(
+            channel=self.channel,
+            excluded_pos=self.excluded_pos,
+            basket_category_codes=self.basket_category_codes,
+            quantity=self.quantity,
+            now=self.now,
+            consent=self.consent,
+            node_cost=self.node_cost,
+            basket_node=basket_node,
+        )
 
 
-def known_in_item_master(c: CandidateFacts, r: RequestFacts, p: CompiledPolicy) -> BoolArray:
+# A constraint returns its keep mask, or None when it keeps every candidate of the request
+# (the common case for several rules, and cheaper than a mask of ones).
+Constraint = Callable[[CandidateFacts, RequestFacts, CompiledPolicy], BoolArray | None]
+
+
+def known_in_item_master(c: CandidateFacts, r: RequestFacts, p: CompiledPolicy) -> BoolArray | None:
     """Keep candidates the current item master knows."""
     return c.catalog_pos >= 0
 
 
-def not_in_basket(c: CandidateFacts, r: RequestFacts, p: CompiledPolicy) -> BoolArray:
+def not_in_basket(c: CandidateFacts, r: RequestFacts, p: CompiledPolicy) -> BoolArray | None:
     """Never recommend what is already in the basket or on screen."""
+    if not r.excluded_pos.size:
+        return None
     if r.excluded_pos.size > 16:
         return ~np.isin(c.catalog_pos, r.excluded_pos)
-    keep = np.ones(len(c), dtype=np.bool_)
-    for position in r.excluded_pos:  # a few whole-array compares beat isin's sort here
-        keep &= c.catalog_pos != position
-    return keep
+    # A few whole-array compares beat isin's sort here; Python ints compare faster than
+    # numpy scalars.
+    first, *others = r.excluded_pos.tolist()
+    in_basket: BoolArray = c.catalog_pos == first
+    for position in others:
+        in_basket |= c.catalog_pos == position
+    return ~in_basket
 
 
-def consent_for_history(c: CandidateFacts, r: RequestFacts, p: CompiledPolicy) -> BoolArray:
+def consent_for_history(c: CandidateFacts, r: RequestFacts, p: CompiledPolicy) -> BoolArray | None:
     """Customer-history candidates only with consent (basket-based ones are always fine)."""
     if r.consent:
-        return np.ones(len(c), dtype=np.bool_)
+        return None
     return ~c.uses_history
 
 
-def pairing_allowed(c: CandidateFacts, r: RequestFacts, p: CompiledPolicy) -> BoolArray:
+def pairing_allowed(c: CandidateFacts, r: RequestFacts, p: CompiledPolicy) -> BoolArray | None:
     """No candidate whose category is restricted with a category in the basket."""
-    if not r.basket_category_codes.size:
-        return np.ones(len(c), dtype=np.bool_)
-    clashing_categories: BoolArray = np.any(p.restricted_pairs[r.basket_category_codes], axis=0)
-    return ~clashing_categories[c.category_code]
+    partners = p.restricted_partners
+    clashing = set().union(*(partners[code] for code in r.basket_category_codes.tolist()))
+    if not clashing:
+        return None
+    allowed = np.ones(len(partners), dtype=np.bool_)
+    allowed[list(clashing)] = False
+    keep: BoolArray = allowed[c.category_code]
+    return keep
 
 
-def age_check_available(c: CandidateFacts, r: RequestFacts, p: CompiledPolicy) -> BoolArray:
+def age_check_available(c: CandidateFacts, r: RequestFacts, p: CompiledPolicy) -> BoolArray | None:
     """Age-restricted items only on channels that verify age."""
     if p.age_verified[r.channel]:
-        return np.ones(len(c), dtype=np.bool_)
+        return None
     return ~c.age_restricted
 
 
-def vendor_allowed(c: CandidateFacts, r: RequestFacts, p: CompiledPolicy) -> BoolArray:
+def vendor_allowed(c: CandidateFacts, r: RequestFacts, p: CompiledPolicy) -> BoolArray | None:
     """No item of an excluded vendor."""
+    if not p.policy.restrictions.excluded_brands:
+        return None
     return ~c.excluded_vendor
 
 
-def margin_floor_met(c: CandidateFacts, r: RequestFacts, p: CompiledPolicy) -> BoolArray:
-    """Unit margin at or above the absolute and the percent floor of its category/channel."""
-    return _clears_floor(c, r, p, cost=np.zeros(len(c)))
+def margin_floor_met(c: CandidateFacts, r: RequestFacts, p: CompiledPolicy) -> BoolArray | None:
+    """Unit margin at or above the absolute and the percent floor of its category/channel
+    (``margin_floor``, the larger of the two). NaN margins (unknown items) never pass."""
+    return c.unit_margin >= c.margin_floor
 
 
-def in_store_assortment(c: CandidateFacts, r: RequestFacts, p: CompiledPolicy) -> BoolArray:
-    """POS: the item is ranged at the store, or may be sold there for home delivery."""
+def in_store_assortment(c: CandidateFacts, r: RequestFacts, p: CompiledPolicy) -> BoolArray | None:
+    """POS: the item is ranged at the store, or sold for home delivery (``ship_to_home``) and
+    the policy lets POS ship from distribution centres. Stock does not enter: an item in
+    the assortment with nothing to sell is the stock rule's to drop."""
     if r.channel != "pos":
-        return np.ones(len(c), dtype=np.bool_)
-    if c.available.shape[1] == 0:
-        return c.ranged_at_store.copy()
-    sellable_somewhere: BoolArray = c.available.max(axis=1) >= 0
-    return c.ranged_at_store | sellable_somewhere
+        return None
+    if not p.policy.fulfilment.pos_ships_from_region_dcs:
+        return c.ranged_at_store
+    return c.ranged_at_store | c.ship_to_home
 
 
-def stock_covers_quantity(c: CandidateFacts, r: RequestFacts, p: CompiledPolicy) -> BoolArray:
-    """ATP minus safety stock covers the quantity at one eligible node at least."""
-    if c.available.shape[1] == 0:
-        return np.zeros(len(c), dtype=np.bool_)
-    return np.asarray(c.available.max(axis=1) >= r.quantity, dtype=np.bool_)
+def stock_covers_quantity(
+    c: CandidateFacts, r: RequestFacts, p: CompiledPolicy
+) -> BoolArray | None:
+    """ATP minus safety stock covers the quantity at one eligible node at least: exactly
+    where ``choose_fulfillment_node`` found a node, so its cost is not NaN (facts that
+    have not been through ``with_fulfilment`` have NaN costs: nothing passes)."""
+    covered: BoolArray = c.fulfilment_cost == c.fulfilment_cost  # False only for NaN
+    return covered
 
 
-def split_shipment_economic(c: CandidateFacts, r: RequestFacts, p: CompiledPolicy) -> BoolArray:
+def split_shipment_economic(
+    c: CandidateFacts, r: RequestFacts, p: CompiledPolicy
+) -> BoolArray | None:
     """Margin minus the incremental fulfilment cost of the chosen node still clears the floor
-    (``fulfilment_cost`` comes from ``choose_fulfillment_node``; NaN where no node covers the
-    quantity, which the stock rule has already dropped)."""
-    return _clears_floor(c, r, p, cost=np.nan_to_num(c.fulfilment_cost, nan=0.0))
-
-
-def _clears_floor(
-    c: CandidateFacts, r: RequestFacts, p: CompiledPolicy, *, cost: FloatArray
-) -> BoolArray:
-    row = p.channel_row[r.channel]
-    net = c.unit_margin - cost
-    # NaN margins (unknown items) compare False, so they can never pass a floor.
-    with np.errstate(invalid="ignore"):
-        passes = (net >= p.floor_absolute[row][c.category_code]) & (
-            net >= p.floor_percent[row][c.category_code] * c.effective_price
-        )
-    return np.asarray(passes, dtype=np.bool_)
+    (``fulfilment_cost`` comes from ``choose_fulfillment_node``). Where no node covers the
+    quantity the cost is NaN and this mask False, but the stock rule, earlier, names that
+    drop."""
+    return c.unit_margin - c.fulfilment_cost >= c.margin_floor
 
 
 MASTER_CONSTRAINTS: tuple[tuple[DropReason, Constraint], ...] = (
@@ -272,20 +492,109 @@ def apply_constraints(
     """
     drop_reason = np.full(len(candidates), KEPT, dtype=np.int8)
     for reason, constraint in reversed(constraints):
-        drop_reason[~constraint(candidates, request, policy)] = reason.value
+        keep = constraint(candidates, request, policy)
+        if keep is not None:
+            drop_reason[~keep] = reason.value
     return drop_reason
 
 
 def available_units(atp: IntArray, safety_stock: IntArray, ranged: BoolArray) -> IntArray:
-    """Units that may be promised: ATP minus safety stock; -1 where the item is not ranged."""
-    available: IntArray = np.where(ranged, atp - safety_stock, -1).astype(np.int64)
-    return available
+    """Units that may be promised: ATP minus safety stock; -1 where the item is not ranged.
+
+    Column-major (Fortran order), whatever the layout of the read: see ``CandidateFacts``.
+    """
+    return np.asfortranarray(np.where(ranged, atp - safety_stock, -1))
+
+
+def sellable_stock(
+    available: IntArray, ship_to_home: BoolArray, take_home: BoolArray, *, channel: Channel
+) -> IntArray:
+    """``available`` with -1 in the cells a channel may not sell from: on POS, a node other
+    than the store itself serves only items sold for home delivery (``ship_to_home``, one
+    entry per row)."""
+    if channel != "pos" or bool(take_home.all()):
+        return available
+    masked = available.copy(order="F")
+    masked[np.ix_(~ship_to_home, ~take_home)] = -1
+    return masked
 
 
 _COLUMN_BITS = 6  # up to 64 eligible nodes in the packed key; more take the slower path
 _STOCK_BITS = 21
 _STOCK_CAP = 2**_STOCK_BITS - 1
 _NOT_COVERED = np.iinfo(np.int64).max
+_SMALL_BASKET_CELLS = 256  # basket lines x nodes up to which the plain-Python path is faster
+
+
+def _cost_rank(node_cost: FloatArray) -> IntArray:
+    """Per node, how many nodes are strictly cheaper (equal costs share a rank)."""
+    rank: IntArray = (node_cost[np.newaxis, :] < node_cost[:, np.newaxis]).sum(axis=1)
+    return rank
+
+
+def _best_columns(available: IntArray, quantity: int | IntArray, preference: IntArray) -> IntArray:
+    """Per row, among the columns whose ``available`` covers ``quantity`` (a number, or a
+    column vector of one per row), the one with the lowest (preference, -stock, column);
+    -1 where none covers."""
+    rows, columns = available.shape
+    if not columns:
+        return np.full(rows, -1, dtype=np.int64)
+    shortfall = available < quantity
+    stock = np.minimum(available, _STOCK_CAP)
+    if columns <= 2**_COLUMN_BITS:
+        # One integer per cell ordering (preference, -stock, column): a row's minimum is
+        # its choice, and the column rides in the low bits. A min over the node axis is far
+        # cheaper than argmin in the column-major layout the rules use.
+        node_part = (
+            (preference << (_STOCK_BITS + _COLUMN_BITS))
+            + (_STOCK_CAP << _COLUMN_BITS)
+            + np.arange(columns)
+        )
+        key = np.where(shortfall, _NOT_COVERED, node_part - (stock << _COLUMN_BITS))
+        best = key.min(axis=1)
+        column: IntArray = best & (2**_COLUMN_BITS - 1)
+        column[best == _NOT_COVERED] = -1
+        return column
+    key = np.where(shortfall, _NOT_COVERED, (preference << _STOCK_BITS) + _STOCK_CAP - stock)
+    column = key.argmin(axis=1)
+    column[key.min(axis=1) == _NOT_COVERED] = -1
+    return column
+
+
+def basket_shipping_nodes(
+    basket_available: IntArray, basket_quantity: IntArray, node_cost: FloatArray
+) -> BoolArray:
+    """Per eligible node, whether it ships a basket line (``RequestFacts.basket_node``).
+
+    Each line ships from the cheapest node covering its quantity; among equally cheap nodes,
+    the one with most stock, then the first column. Cheapest rather than most stocked,
+    because that is how an order is sourced when fulfilment cost is what the retailer
+    minimises, and the split-shipment rule should charge a candidate against the nodes the
+    basket really ships from: a line that the region's DC and a dearer store could both
+    ship goes with the DC, even if the store holds more. Lines are sourced one at a time;
+    grouping them onto fewer nodes (a set cover) is not attempted. A line no node covers
+    ships from nowhere.
+    """
+    lines, columns = basket_available.shape
+    basket_node = np.zeros(columns, dtype=np.bool_)
+    if lines * columns > _SMALL_BASKET_CELLS:
+        column = _best_columns(
+            basket_available, basket_quantity[:, np.newaxis], _cost_rank(node_cost)
+        )
+        basket_node[column[column >= 0]] = True
+        return basket_node
+    # A usual basket is a few lines: plain Python beats a dozen numpy calls on tiny arrays.
+    costs = node_cost.tolist()
+    for line, needed in zip(basket_available.tolist(), basket_quantity.tolist(), strict=True):
+        best: tuple[float, int, int] | None = None
+        for column_index, units in enumerate(line):
+            if units >= needed:
+                key = (costs[column_index], -units, column_index)
+                if best is None or key < best:
+                    best = key
+        if best is not None:
+            basket_node[best[2]] = True
+    return basket_node
 
 
 def choose_fulfillment_node(
@@ -298,37 +607,19 @@ def choose_fulfillment_node(
     when the basket ships from nowhere yet, or when the policy does not charge splits.
     Column -1 and cost NaN where no eligible node covers the quantity.
     """
-    rows, columns = available.shape
-    if columns == 0:
-        return np.full(rows, -1, dtype=np.int64), np.full(rows, np.nan)
-    charge = policy.policy.fulfilment.charge_split_shipments and bool(request.basket_node.any())
-    node_cost = request.node_cost if charge else np.zeros(columns)
-    free = request.basket_node | (node_cost == 0)
-    # Per node: how many nodes are strictly cheaper (equal costs share a rank).
-    cost_rank = (node_cost[np.newaxis, :] < node_cost[:, np.newaxis]).sum(axis=1)
-    preference = np.where(free, 0, 1 + cost_rank).astype(np.int64)
-    covers = available >= request.quantity
-    stock = np.minimum(available, _STOCK_CAP)
-    if columns <= 2**_COLUMN_BITS:
-        # One integer per cell ordering (preference, shortfall, column): a row's minimum is
-        # its choice, and the column rides in the low bits. A min over the node axis is far
-        # cheaper than argmin in the column-major layout the rules use.
-        node_part = (
-            (preference << (_STOCK_BITS + _COLUMN_BITS))
-            + (_STOCK_CAP << _COLUMN_BITS)
-            + np.arange(columns)
-        )
-        key = np.where(covers, node_part - (stock << _COLUMN_BITS), _NOT_COVERED)
-        best = key.min(axis=1)
-        covered = best != _NOT_COVERED
-        column = best & (2**_COLUMN_BITS - 1)
-    else:
-        key = np.where(covers, (preference << _STOCK_BITS) + _STOCK_CAP - stock, _NOT_COVERED)
-        column = key.argmin(axis=1)
-        covered = covers.any(axis=1)
-    column = np.where(covered, column, -1)
-    cost = np.where(free[column], 0.0, node_cost[column])
-    return column, np.where(covered, cost, np.nan)
+    columns = available.shape[1]
+    # Per column, the cost charged; one past the last column NaN, so that column -1 (no
+    # node covers) gathers NaN.
+    charged = np.zeros(columns + 1)
+    charged[columns] = np.nan
+    if policy.policy.fulfilment.charge_split_shipments and request.basket_node.any():
+        free = request.basket_node | (request.node_cost == 0)
+        preference = np.where(free, 0, 1 + request.node_cost_rank)
+        charged[:columns] = np.where(free, 0.0, request.node_cost)
+    else:  # every shipment is free: most stock decides
+        preference = np.zeros(columns, dtype=np.int64)
+    column = _best_columns(available, request.quantity, preference)
+    return column, charged[column]
 
 
 def with_fulfilment(
@@ -339,4 +630,4 @@ def with_fulfilment(
     Run before ``STOCK_CONSTRAINTS``: the split-shipment rule reads the cost it sets.
     """
     column, cost = choose_fulfillment_node(candidates.available, request, policy)
-    return replace(candidates, fulfilment_cost=cost), column
+    return candidates.with_fulfilment_cost(cost), column

@@ -4,15 +4,17 @@ Expected contribution = p(accept) x (unit margin - expected return cost - increm
 fulfilment cost), scaled for stock health. A bounded knob per category and channel blends
 relevance with the objective's value:
 
-    final = (1 - w) * relevance + w * value / max |value|
+    final = (1 - w) * relevance + w * value / max |value|   (max over the candidates that
+                                                         share the objective)
 
-so ``w = 0`` is the relevance order exactly. A diversity cap per category is relaxed only to
-fill the list; ties break on catalog position, so the same inputs always give the same order.
+so ``w = 0`` is the relevance order exactly. Restricted category pairs never appear together
+in one list; a diversity cap per category is relaxed only to fill the list; ties break on
+catalog position, so the same inputs always give the same order.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,42 +56,56 @@ class ScoreParts:
 
 
 def score(inputs: RankingInputs, policy: CompiledPolicy, channel: Channel) -> ScoreParts:
-    """Score parts for every candidate under the knob of its category on ``channel``."""
+    """Score parts for every candidate under the knob of its category on ``channel``.
+
+    Each objective's values are normalised by their own largest magnitude, among the
+    candidates ranked by that objective: objectives come in different units (revenue in
+    price, sell-through as a rate), and one shared scale would let a price-scaled objective
+    squeeze the others to nothing.
+    """
     ranking = policy.policy.ranking
     row = policy.channel_row[channel]
-    weight = policy.margin_weight[row, inputs.category_code]
-    objective = policy.objective_code[row, inputs.category_code]
+    codes = inputs.category_code
+    weight = policy.margin_weight[row][codes]
 
     # A return refunds the price and costs handling: the margin is lost, plus handling.
     return_cost = inputs.return_rate * (inputs.unit_margin + ranking.return_handling_cost)
-    stock_factor = np.where(
-        inputs.stock_units < ranking.low_stock_units, ranking.low_stock_factor, 1.0
-    )
-    if ranking.overstock_units:
-        overstocked = inputs.stock_units >= ranking.overstock_units
-        stock_factor = stock_factor * np.where(overstocked, 1.0 + ranking.sell_through_boost, 1.0)
-        pressure = inputs.stock_units / (inputs.stock_units + ranking.overstock_units)
+    stock_factor: FloatArray | float = 1.0
+    if policy.stock_breaks.size:
+        segment = np.searchsorted(policy.stock_breaks, inputs.stock_units, side="right")
+        stock_factor = policy.stock_factors[segment]
+    contribution = (
+        inputs.p_accept * (inputs.unit_margin - return_cost - inputs.fulfilment_cost)
+    ) * stock_factor
+
+    def objective_value(code: int) -> FloatArray:
+        if code == _MARGIN:
+            return contribution
+        if code == _SELL_THROUGH:
+            if not ranking.overstock_units:
+                return np.zeros(len(codes))
+            pressure = inputs.stock_units / (inputs.stock_units + ranking.overstock_units)
+            return np.asarray(inputs.p_accept * pressure * stock_factor, dtype=np.float64)
+        if code == _REVENUE:
+            return inputs.p_accept * inputs.effective_price
+        return inputs.relevance
+
+    single = policy.single_objective[row]
+    if single >= 0:  # the usual case: one objective for every category on the channel
+        value = objective_value(single)
+        scale = float(np.max(np.abs(value))) if value.size else 0.0
+        normalised = value / scale if scale > 0 else np.zeros_like(value)
     else:
-        pressure = np.zeros(len(inputs.stock_units))
-    net_margin = inputs.unit_margin - return_cost - inputs.fulfilment_cost
-    contribution = inputs.p_accept * net_margin * stock_factor
-    values_by_objective: dict[int, Callable[[], FloatArray]] = {
-        _MARGIN: lambda: contribution,
-        _SELL_THROUGH: lambda: inputs.p_accept * pressure * stock_factor,
-        _REVENUE: lambda: inputs.p_accept * inputs.effective_price,
-        _RELEVANCE: lambda: inputs.relevance,
-    }
-    lowest, highest = (int(objective.min()), int(objective.max())) if len(objective) else (0, 0)
-    if lowest == highest:  # the usual case: one objective for every candidate
-        value = values_by_objective[lowest]()
-    else:
-        value = np.select(
-            [objective == code for code in values_by_objective],
-            [compute() for compute in values_by_objective.values()],
-        )
-    scale = float(np.max(np.abs(value))) if value.size else 0.0
-    normalised = value / scale if scale > 0 else np.zeros_like(value)
-    weight = np.where(objective == _RELEVANCE, 0.0, weight)
+        objective = policy.objective_code[row][codes]
+        value = np.empty(len(codes))
+        normalised = np.zeros(len(codes))
+        for code in policy.channel_objectives[row]:
+            ranked_by_it = objective == code
+            of_it = objective_value(code)
+            np.copyto(value, of_it, where=ranked_by_it)
+            scale = float(np.max(np.abs(of_it), where=ranked_by_it, initial=0.0))
+            if scale > 0:
+                np.copyto(normalised, of_it / scale, where=ranked_by_it)
     final = (1.0 - weight) * inputs.relevance + weight * normalised
     return ScoreParts(
         return_cost=return_cost,
@@ -107,54 +123,86 @@ def rank(
     *,
     limit: int,
     max_per_category: int,
+    restricted_partners: Sequence[frozenset[int]],
 ) -> IntArray:
-    """Indexes of the best ``limit`` candidates, best first.
+    """Indexes of the best ``limit`` candidates, best first (ties: lower catalog position).
 
-    At most ``max_per_category`` per category while others are left; when the cap would leave
-    the list short, the best capped-out candidates fill it, in score order.
+    Walks the candidates in score order and takes each one unless its category is
+    restricted with the category of one already taken (``restricted_partners``, per
+    category code: ``CompiledPolicy.restricted_partners``; never relaxed) or its category
+    already has ``max_per_category`` items while others are left. When the cap would leave
+    the list short, the best capped-out candidates fill it, in score order, still never
+    next to a restricted partner.
     """
+    count = len(final)
+    if limit <= 0 or not count:
+        return np.empty(0, dtype=np.int64)
+    picker = _Picker(limit, max_per_category, restricted_partners)
     head_size = 4 * limit
-    if len(final) > head_size:
-        # Only the best few can be shown: sort those, keeping every tie at the cut.
-        threshold = np.partition(final, len(final) - head_size)[len(final) - head_size]
-        head = np.flatnonzero(final >= threshold)
-        chosen, within_cap = _capped_order(
-            final[head], catalog_pos[head], category_code[head], limit, max_per_category
-        )
-        # Relaxing the cap may only borrow from the head when nothing deeper is within it.
-        if within_cap >= limit:
-            return head[chosen]
-    return _capped_order(final, catalog_pos, category_code, limit, max_per_category)[0]
+    if count <= head_size:
+        picker.walk(_score_order(final, catalog_pos, np.arange(count)), category_code)
+    else:
+        # Only the best few can usually be shown: sort those, keeping every tie at the cut,
+        # and look deeper only when they do not fill the list within the rules.
+        threshold = np.partition(final, count - head_size)[count - head_size]
+        in_head = final >= threshold
+        picker.walk(_score_order(final, catalog_pos, np.flatnonzero(in_head)), category_code)
+        if not picker.full:
+            rest = np.flatnonzero(~in_head)
+            picker.walk(_score_order(final, catalog_pos, rest), category_code)
+    picker.backfill()
+    return np.array(picker.chosen, dtype=np.int64)
 
 
-def _capped_order(
-    final: FloatArray,
-    catalog_pos: IntArray,
-    category_code: IntArray,
-    limit: int,
-    max_per_category: int,
-) -> tuple[IntArray, int]:
-    """The capped order and how many candidates in it were within the cap."""
-    order = np.lexsort((catalog_pos, -final))
-    categories = category_code[order]
-    # Occurrence number of each candidate within its category, in score order.
-    by_category = np.argsort(categories, kind="stable")
-    sorted_categories = categories[by_category]
-    boundaries = np.empty(len(sorted_categories), dtype=np.bool_)
-    boundaries[:1] = True
-    np.not_equal(sorted_categories[1:], sorted_categories[:-1], out=boundaries[1:])
-    starts = np.flatnonzero(boundaries)
-    run_lengths = np.diff(starts, append=len(sorted_categories))
-    occurrence = np.empty(len(order), dtype=np.int64)
-    occurrence[by_category] = np.arange(len(order)) - np.repeat(starts, run_lengths)
-    within_cap = occurrence < max_per_category
-    chosen = np.concatenate([order[within_cap], order[~within_cap]])
-    return chosen[:limit].astype(np.int64), int(within_cap.sum())
+def _score_order(final: FloatArray, catalog_pos: IntArray, rows: IntArray) -> IntArray:
+    ordered: IntArray = rows[np.lexsort((catalog_pos[rows], -final[rows]))]
+    return ordered
 
 
-def rank_by_relevance(
-    relevance: npt.NDArray[np.float32] | FloatArray, catalog_pos: IntArray, *, limit: int
-) -> IntArray:
-    """Indexes of the best ``limit`` candidates by relevance alone, lower position on ties."""
-    order = np.lexsort((catalog_pos, -np.asarray(relevance, dtype=np.float64)))
-    return order[:limit].astype(np.int64)
+class _Picker:
+    """The greedy walk of ``rank``, in plain Python: it looks at a dozen or so candidates,
+    where per-item numpy calls would cost more than the loop."""
+
+    def __init__(
+        self, limit: int, max_per_category: int, restricted_partners: Sequence[frozenset[int]]
+    ) -> None:
+        self.limit = limit
+        self.max_per_category = max_per_category
+        self.partners = restricted_partners
+        self.chosen: list[int] = []
+        self.per_category: dict[int, int] = {}
+        self.blocked: set[int] = set()  # categories restricted with one already chosen
+        self.capped: list[tuple[int, int]] = []  # (row, category) passed over for the cap
+
+    @property
+    def full(self) -> bool:
+        return len(self.chosen) >= self.limit
+
+    def walk(self, order: IntArray, category_code: IntArray) -> None:
+        """Take candidates in ``order`` within the cap until the list is full."""
+        if self.full:
+            return
+        for row, code in zip(order.tolist(), category_code[order].tolist(), strict=True):
+            if code in self.blocked:
+                continue
+            taken = self.per_category.get(code, 0)
+            if taken >= self.max_per_category:
+                self.capped.append((row, code))
+                continue
+            self._take(row, code, taken)
+            if self.full:
+                return
+
+    def backfill(self) -> None:
+        """Fill a short list from the capped-out candidates, best first. No restriction
+        check is needed: a capped candidate's category is already shown, so any partner
+        chosen since would have clashed with that shown item first."""
+        for row, code in self.capped:
+            if self.full:
+                return
+            self._take(row, code, self.per_category[code])
+
+    def _take(self, row: int, code: int, taken: int) -> None:
+        self.chosen.append(row)
+        self.per_category[code] = taken + 1
+        self.blocked |= self.partners[code]

@@ -17,6 +17,7 @@ from rules.constraints import (
     CompiledPolicy,
     RequestFacts,
     apply_constraints,
+    candidate_facts,
     with_fulfilment,
 )
 from rules.policy import Channel, Policy
@@ -69,31 +70,34 @@ def facts(
     *,
     available: list[list[int]] | None = None,
     uses_history: list[bool] | None = None,
+    ranged_at_store: list[bool] | None = None,
     compiled: CompiledPolicy,
+    channel: Channel = "cart",
     now: datetime = NOW,
 ) -> CandidateFacts:
+    """Facts as the pipeline builds them, with ``available`` as the stock read (one row per
+    SKU; None: no eligible node). ``ranged_at_store`` defaults to "has a row at node 0"."""
     positions = np.array([cat.index[sku] if sku else -1 for sku in skus], dtype=np.int64)
-    known = positions >= 0
-    safe = np.where(known, positions, 0)
-    price = np.where(known, cat.effective_price(safe, now=now), np.nan)
     stock = np.array(available if available is not None else [[] for _ in skus], dtype=np.int64)
     stock = stock.reshape(len(skus), -1)
-    return CandidateFacts(
-        catalog_pos=positions,
-        category_code=np.where(known, cat.category_code[safe], len(cat.categories)).astype(
-            np.int64
-        ),
+    master = candidate_facts(
+        cat,
+        compiled,
+        positions,
         uses_history=np.array(uses_history or [False] * len(skus), dtype=np.bool_),
-        age_restricted=known & cat.age_restricted[safe],
-        excluded_vendor=known & compiled.excluded_item[safe],
-        effective_price=price,
-        unit_margin=price - np.where(known, cat.unit_cost[safe], np.nan),
-        available=stock,
-        inbound=np.zeros_like(stock),
-        ranged_at_store=(stock >= 0).any(axis=1)
-        if stock.shape[1]
-        else np.zeros(len(skus), np.bool_),
-        fulfilment_cost=np.full(len(skus), np.nan),
+        channel=channel,
+        now=now,
+        nodes=stock.shape[1],
+    )
+    if ranged_at_store is None:
+        at_store = stock[:, 0] >= 0 if stock.shape[1] else np.zeros(len(skus), np.bool_)
+    else:
+        at_store = np.array(ranged_at_store, dtype=np.bool_)
+    return master.with_stock(
+        np.arange(len(skus)),
+        available=np.asfortranarray(stock),
+        inbound=np.zeros_like(stock, order="F"),
+        ranged_at_store=at_store,
     )
 
 

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-import dataclasses
 from datetime import datetime
 
 import numpy as np
 import pytest
 
-from rules.constraints import CONSTRAINTS, available_units, compile_policy
+from rules.constraints import (
+    CONSTRAINTS,
+    available_units,
+    basket_shipping_nodes,
+    compile_policy,
+    sellable_stock,
+)
 from rules.eligibility import eligible_nodes
 from rules.errors import InputError, UnknownNodeError
 from rules.policy import Channel
@@ -32,6 +37,7 @@ CATALOG = catalog(
         item("BEER", cost=1.0, price=3.0, category="ALCOHOL", age_restricted=True),
         item("TEDDY", cost=2.0, price=6.0, category="TOYS"),
         item("ACME1", cost=1.0, price=4.0, category="HOME", brand="ACME"),
+        item("SHIP", cost=1.0, price=2.0, category="KITCHEN", ship_to_home=True),
     ]
 )
 POLICY = policy(
@@ -62,7 +68,13 @@ def run(
         available = [[10] for _ in skus]
     request_args.setdefault("node_cost", [0.0] * len(available[0]))
     candidate_facts = facts(
-        CATALOG, skus, available=available, uses_history=uses_history, compiled=COMPILED, now=now
+        CATALOG,
+        skus,
+        available=available,
+        uses_history=uses_history,
+        compiled=COMPILED,
+        channel=request_args.get("channel", "cart"),  # type: ignore[arg-type]
+        now=now,
     )
     request_facts = request(CATALOG, now=now, **request_args)  # type: ignore[arg-type]
     return judge(candidate_facts, request_facts, COMPILED)[0]
@@ -184,24 +196,80 @@ def test_available_units(case: str, atp: int, safety: int, ranged: bool, expecte
 
 
 @pytest.mark.parametrize(
-    ("case", "ranged_at_store", "available", "expected"),
+    ("case", "sku", "ranged_at_store", "available", "expected"),
     [
-        ("ranged at the store with stock", True, [[4, -1]], "KEPT"),
-        ("ranged at the store, none left", True, [[0, -1]], "NO_STOCK"),
-        ("not ranged, not for delivery", False, [[-1, -1]], "NOT_IN_ASSORTMENT"),
-        ("not ranged, for delivery from the DC", False, [[-1, 9]], "KEPT"),
+        ("ranged at the store with stock", "A", True, [[4, -1]], "KEPT"),
+        ("ranged at the store, none left", "A", True, [[0, -1]], "NO_STOCK"),
+        ("ranged at the store, ATP under safety stock", "A", True, [[-2, -1]], "NO_STOCK"),
+        ("ranged at the store, its figure too old to trust", "A", True, [[-1, -1]], "NO_STOCK"),
+        ("not ranged, not for delivery", "A", False, [[-1, -1]], "NOT_IN_ASSORTMENT"),
+        (
+            "not ranged, not for delivery, stock at the DC",
+            "A",
+            False,
+            [[-1, 9]],
+            "NOT_IN_ASSORTMENT",
+        ),
+        ("not ranged, for delivery from the DC", "SHIP", False, [[-1, 9]], "KEPT"),
+        ("for delivery, DC ATP under safety stock", "SHIP", False, [[-1, -3]], "NO_STOCK"),
+        ("for delivery, ranged nowhere", "SHIP", False, [[-1, -1]], "NO_STOCK"),
     ],
 )
 def test_store_assortment_on_pos(
-    case: str, ranged_at_store: bool, available: list[list[int]], expected: str
+    case: str, sku: str, ranged_at_store: bool, available: list[list[int]], expected: str
 ) -> None:
-    """POS shows items ranged at the store, or sold there for delivery from a DC."""
-    candidate = dataclasses.replace(
-        facts(CATALOG, ["A"], available=available, compiled=COMPILED),
-        ranged_at_store=np.array([ranged_at_store]),
+    """POS shows items ranged at the store, or sold there for home delivery; an item in the
+    assortment with nothing to sell (however negative its count) is out of stock, not out of
+    the assortment."""
+    candidate = facts(
+        CATALOG,
+        [sku],
+        available=available,
+        ranged_at_store=[ranged_at_store],
+        compiled=COMPILED,
+        channel="pos",
     )
     outcome = judge(candidate, request(CATALOG, channel="pos", node_cost=[0.0, 4.0]), COMPILED)
     assert outcome[0] == [expected], case
+
+
+def test_store_assortment_without_dc_shipping() -> None:
+    """When the policy keeps POS to the store's own stock, ship_to_home does not widen the
+    assortment."""
+    store_only = compile_policy(policy(fulfilment={"pos_ships_from_region_dcs": False}), CATALOG)
+    candidate = facts(
+        CATALOG,
+        ["SHIP"],
+        available=[[-1]],
+        ranged_at_store=[False],
+        compiled=store_only,
+        channel="pos",
+    )
+    outcome = judge(candidate, request(CATALOG, channel="pos", node_cost=[0.0]), store_only)
+    assert outcome[0] == ["NOT_IN_ASSORTMENT"]
+
+
+def test_available_units_is_column_major() -> None:
+    """The rules reduce across nodes; the read's layout must not slow them down."""
+    atp = np.array([[5, 0, 7], [1, 2, 3]], dtype=np.int64)
+    safety = np.array([[2, 0, 9], [0, 0, 0]], dtype=np.int64)
+    ranged = np.array([[True, False, True], [True, True, False]])
+    units = available_units(atp, safety, ranged)
+    assert units.tolist() == [[3, -1, -2], [1, 2, -1]]
+    assert units.flags["F_CONTIGUOUS"]
+
+
+@pytest.mark.parametrize(
+    ("channel", "expected"),
+    [("pos", [[4, -1, -1], [4, 6, 2]]), ("cart", [[4, 6, 2], [4, 6, 2]])],
+)
+def test_sellable_stock(channel: Channel, expected: list[list[int]]) -> None:
+    """On POS a DC column serves only items sold for home delivery (row 1 here)."""
+    available = np.asfortranarray([[4, 6, 2], [4, 6, 2]])
+    take_home = np.array([True, False, False])
+    sellable = sellable_stock(available, np.array([False, True]), take_home, channel=channel)
+    assert sellable.tolist() == expected
+    assert available.tolist() == [[4, 6, 2], [4, 6, 2]]  # the read itself is untouched
 
 
 @pytest.mark.parametrize(
@@ -353,3 +421,115 @@ def test_pos_needs_a_known_store() -> None:
         eligible_nodes(NODES, channel="pos", store_id=None, region=None, policy=POLICY)
     with pytest.raises(UnknownNodeError, match="store_id: 'S-XX'"):
         eligible_nodes(NODES, channel="pos", store_id="S-XX", region=None, policy=POLICY)
+
+
+@pytest.mark.parametrize(
+    ("case", "available", "quantity", "node_cost", "expected"),
+    [
+        ("cheapest covering node, not the most stocked", [[9, 2]], [1], [6.0, 4.0], [False, True]),
+        ("exactly the quantity covers", [[9, 2]], [2], [6.0, 4.0], [False, True]),
+        ("too few at the cheap node: the dearer one", [[9, 1]], [2], [6.0, 4.0], [True, False]),
+        ("equal cost: most stock", [[3, 5, 5]], [1], [4.0, 4.0, 4.0], [False, True, False]),
+        ("equal cost and stock: the first", [[5, 5]], [1], [4.0, 4.0], [True, False]),
+        (
+            "two lines from different nodes",
+            [[5, 0, 0], [0, 0, 5]],
+            [1, 1],
+            [4.0, 4.0, 4.0],
+            [True, False, True],
+        ),
+        ("two lines, one node covers both", [[5, 5], [0, 5]], [1, 1], [4.0, 3.0], [False, True]),
+        ("a line no node covers ships from nowhere", [[1, 0]], [2], [4.0, 4.0], [False, False]),
+        ("take-home at POS costs nothing", [[2, 9]], [1], [0.0, 4.0], [True, False]),
+        ("no basket", np.zeros((0, 2), dtype=np.int64), [], [4.0, 4.0], [False, False]),
+    ],
+)
+def test_basket_shipping_nodes(
+    case: str,
+    available: list[list[int]],
+    quantity: list[int],
+    node_cost: list[float],
+    expected: list[bool],
+) -> None:
+    """Each basket line ships from the cheapest node covering its quantity (then most
+    stock, then the first)."""
+    shipping = basket_shipping_nodes(
+        np.asfortranarray(
+            np.array(available, dtype=np.int64).reshape(len(quantity), len(node_cost))
+        ),
+        np.array(quantity, dtype=np.int64),
+        np.array(node_cost),
+    )
+    assert shipping.tolist() == expected, case
+
+
+def test_big_baskets_are_sourced_the_same_way() -> None:
+    """Baskets past the plain-Python size take the vectorised path, with the same answer."""
+    rng = np.random.default_rng(3)
+    available = np.asfortranarray(rng.integers(-1, 6, (40, 16)))
+    quantity = rng.integers(1, 4, 40)
+    node_cost = rng.choice([0.5, 2.0, 7.0], 16)
+    expected = np.zeros(16, dtype=np.bool_)
+    for line in range(40):
+        options = [
+            (node_cost[node], -available[line, node], node)
+            for node in range(16)
+            if available[line, node] >= quantity[line]
+        ]
+        if options:
+            expected[min(options)[2]] = True
+    assert basket_shipping_nodes(available, quantity, node_cost).tolist() == expected.tolist()
+    small = basket_shipping_nodes(available[:5], quantity[:5], node_cost)
+    big = basket_shipping_nodes(
+        np.tile(available[:5], (20, 1)), np.tile(quantity[:5], 20), node_cost
+    )
+    assert small.tolist() == big.tolist()
+
+
+# A basket of two lines: line 1 only at node 0, line 2 only at node 1; node 2 is a third DC.
+BASKET_STOCK = [[5, 0, 0], [0, 5, 0]]
+CHEAP_THIRD, DEAR_THIRD = [0.8, 0.8, 0.3], [0.8, 0.8, 0.8]
+
+
+@pytest.mark.parametrize(
+    ("case", "candidate_stock", "node_cost", "expected", "column", "cost"),
+    [
+        ("rides along with either basket node", [[5, 5, 5]], CHEAP_THIRD, "KEPT", 0, 0.0),
+        ("rides along with the second line's node", [[0, 5, 5]], CHEAP_THIRD, "KEPT", 1, 0.0),
+        ("only at a third node: pays its shipment", [[0, 0, 5]], CHEAP_THIRD, "KEPT", 2, 0.3),
+        ("the split cost takes it under the floor", [[0, 0, 5]], DEAR_THIRD, "SPLIT_SHIPMENT_COST",
+         2, 0.8),
+    ],
+)  # fmt: skip
+def test_multi_node_baskets(
+    case: str,
+    candidate_stock: list[list[int]],
+    node_cost: list[float],
+    expected: str,
+    column: int,
+    cost: float,
+) -> None:
+    """Two basket lines shipping from different nodes: a candidate at either rides along
+    free; one only at a third node pays that node's shipment out of its margin, and is
+    dropped when that breaks the floor (A: margin 1.00 on 2.00, floor 0.30)."""
+    basket_node = basket_shipping_nodes(
+        np.asfortranarray(BASKET_STOCK), np.array([1, 1]), np.array(node_cost)
+    )
+    assert basket_node.tolist() == [True, True, False]
+    candidate = facts(CATALOG, ["A"], available=candidate_stock, compiled=COMPILED)
+    req = request(CATALOG, node_cost=node_cost, basket_node=basket_node.tolist())
+    drops, columns, costs = judge(candidate, req, COMPILED)
+    assert drops == [expected], case
+    assert columns == [column], case
+    assert costs == [pytest.approx(cost)], case
+
+
+def test_unknown_policy_categories_are_exposed() -> None:
+    """Category names the catalog does not know are listed, not silently ignored."""
+    rules = policy(
+        margin_floors=[{"absolute": 0.1}, {"category": "GARDEN", "percent": 0.2}],
+        ranking={"knobs": [{"margin_weight": 0.2}, {"category": "HOME", "margin_weight": 0.5}]},
+        restrictions={"category_pairs": [["ALCOHOL", "TOYS"], ["ALCOHOL", "PETS"]]},
+    )
+    assert compile_policy(rules, CATALOG).unknown_categories == ("GARDEN", "PETS")
+    assert COMPILED.unknown_categories == ("NOT-IN-CATALOG",)

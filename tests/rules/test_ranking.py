@@ -46,6 +46,7 @@ def order_for(
         rank_inputs.category_code,
         limit=limit,
         max_per_category=cap,
+        restricted_partners=compiled.restricted_partners,
     )
     return chosen.tolist()
 
@@ -137,3 +138,162 @@ def test_knob_resolves_per_category_and_channel() -> None:
     parts = score(inputs(), compiled, "cart")
     assert parts.margin_weight.tolist() == [0.0, 0.0, 1.0]
     assert score(inputs(), compiled, "pos").margin_weight.tolist() == [0.0, 0.0, 0.0]
+
+
+def test_each_objective_is_scaled_on_its_own() -> None:
+    """A revenue category (price-scaled values) no longer squeezes margin categories: each
+    objective's values are divided by their own largest magnitude. With one shared scale,
+    B's 0.4 contribution next to C's 20.0 revenue would score 0.02, below D."""
+    cat = catalog(
+        [item(sku, category=c) for sku, c in [("A", "X"), ("B", "X"), ("C", "Y"), ("D", "Y")]]
+    )
+    rules = {
+        "ranking": {
+            "knobs": [
+                {"objective": "margin", "margin_weight": 1.0},
+                {"category": "Y", "objective": "revenue", "margin_weight": 1.0},
+            ]
+        }
+    }
+    compiled = compile_policy(policy(**rules), cat)
+    rank_inputs = inputs(
+        catalog_pos=[0, 1, 2, 3],
+        category_code=[0, 0, 1, 1],
+        relevance=[0.9, 0.8, 0.7, 0.6],
+        p_accept=[0.3, 0.2, 0.1, 0.2],
+        effective_price=[2.0, 5.0, 200.0, 50.0],
+        unit_margin=[0.4, 2.0, 90.0, 20.0],
+        return_rate=[0.0] * 4,
+        fulfilment_cost=[0.0] * 4,
+        stock_units=[50] * 4,
+    )
+    parts = score(rank_inputs, compiled, "cart")
+    # margin: 0.12 and 0.40 over 0.40; revenue: 20.0 and 10.0 over 20.0.
+    assert parts.objective_value.tolist() == pytest.approx([0.12, 0.4, 20.0, 10.0])
+    assert parts.final.tolist() == pytest.approx([0.3, 1.0, 1.0, 0.5])
+    order = rank(
+        parts.final,
+        rank_inputs.catalog_pos,
+        rank_inputs.category_code,
+        limit=4,
+        max_per_category=4,
+        restricted_partners=compiled.restricted_partners,
+    )
+    assert order.tolist() == [1, 2, 3, 0]
+
+
+PAIRED = catalog(
+    [
+        item(sku, category=c)
+        for sku, c in [("P1", "P"), ("Q1", "Q"), ("R1", "R"), ("Q2", "Q"), ("P2", "P")]
+    ]
+)
+
+
+def paired_order(pairs: list[list[str]], *, limit: int, cap: int) -> list[str]:
+    """Rank P1 > Q1 > R1 > Q2 > P2 by relevance under restricted ``pairs``."""
+    compiled = compile_policy(policy(restrictions={"category_pairs": pairs}), PAIRED)
+    chosen = rank(
+        np.array([0.9, 0.8, 0.7, 0.6, 0.5]),
+        np.arange(5, dtype=np.int64),
+        PAIRED.category_code[np.arange(5)],
+        limit=limit,
+        max_per_category=cap,
+        restricted_partners=compiled.restricted_partners,
+    )
+    return [PAIRED.skus[row] for row in chosen]
+
+
+@pytest.mark.parametrize(
+    ("case", "pairs", "limit", "cap", "expected"),
+    [
+        ("no restriction", [], 3, 3, ["P1", "Q1", "R1"]),
+        ("P-Q: both Qs skipped, P2 fills", [["P", "Q"]], 3, 3, ["P1", "R1", "P2"]),
+        ("Q-P written the other way round", [["Q", "P"]], 5, 3, ["P1", "R1", "P2"]),
+        ("P-Q, cap 1: P2 backfills past the cap", [["P", "Q"]], 3, 1, ["P1", "R1", "P2"]),
+        ("P with itself: one P at most", [["P", "P"]], 5, 3, ["P1", "Q1", "R1", "Q2"]),
+        ("P-Q and P-R: P1 leaves only P2", [["P", "Q"], ["P", "R"]], 5, 3, ["P1", "P2"]),
+    ],
+)
+def test_restricted_pairs_never_shown_together(
+    case: str, pairs: list[list[str]], limit: int, cap: int, expected: list[str]
+) -> None:
+    """rank() skips an item restricted with one already chosen, and backfills the list."""
+    assert paired_order(pairs, limit=limit, cap=cap) == expected, case
+
+
+def test_backfill_relaxes_the_cap_but_never_a_restriction() -> None:
+    """A short list takes back items passed over for the cap, never restricted ones.
+
+    X1 > X2 > Y1 > Z1 with cap 1 and X-Z restricted: the walk takes X1, passes X2 over for
+    the cap, takes Y1, skips Z1 (X1 is shown); backfill adds X2. With Z1 best instead, both
+    Xs are restricted and the list stays short."""
+    cat = catalog(
+        [item(sku, category=c) for sku, c in [("X1", "X"), ("X2", "X"), ("Y1", "Y"), ("Z1", "Z")]]
+    )
+    compiled = compile_policy(policy(restrictions={"category_pairs": [["X", "Z"]]}), cat)
+    codes = cat.category_code[np.arange(4)]
+    chosen = rank(
+        np.array([0.9, 0.8, 0.7, 0.6]),
+        np.arange(4, dtype=np.int64),
+        codes,
+        limit=4,
+        max_per_category=1,
+        restricted_partners=compiled.restricted_partners,
+    )
+    assert [cat.skus[row] for row in chosen] == ["X1", "Y1", "X2"]
+    # Z1 first, then the Xs are all blocked: the capped X2 must not come back in backfill.
+    chosen = rank(
+        np.array([0.9, 0.8, 0.7, 0.95]),
+        np.arange(4, dtype=np.int64),
+        codes,
+        limit=4,
+        max_per_category=1,
+        restricted_partners=compiled.restricted_partners,
+    )
+    assert [cat.skus[row] for row in chosen] == ["Z1", "Y1"]
+
+
+def test_deep_candidates_fill_when_the_head_is_blocked() -> None:
+    """Only the best 4 x limit are sorted first; when restrictions block them all, the walk
+    continues into the deeper candidates before relaxing the cap."""
+    names = ["P0", *(f"Q{i}" for i in range(1, 20)), "R20"]
+    cat = catalog([item(sku, category=sku[0]) for sku in names])
+    compiled = compile_policy(policy(restrictions={"category_pairs": [["P", "Q"]]}), cat)
+    relevance = np.linspace(1.0, 0.0, len(names))
+    chosen = rank(
+        relevance,
+        np.arange(len(names), dtype=np.int64),
+        cat.category_code[np.arange(len(names))],
+        limit=2,
+        max_per_category=1,
+        restricted_partners=compiled.restricted_partners,
+    )
+    assert [cat.skus[row] for row in chosen] == ["P0", "R20"]
+
+
+@pytest.mark.parametrize(
+    ("case", "margins", "expected"),
+    [
+        ("equal margins: the overstocked one first", [1.0, 1.0, 1.0], [1, 0, 2]),
+        ("a boost of 0.2 beats an 0.19 lead", [1.19, 1.0, 1.0], [1, 0, 2]),
+        ("but not a 0.21 lead: the boost is bounded", [1.21, 1.0, 1.0], [0, 1, 2]),
+    ],
+)
+def test_overstock_boost_under_the_margin_objective(
+    case: str, margins: list[float], expected: list[int]
+) -> None:
+    """Overstock multiplies contribution by 1 + sell_through_boost (at most 1.5 by policy),
+    so it tips close calls and never more."""
+    rules = knob(1.0)
+    rules["ranking"].update(overstock_units=100, sell_through_boost=0.2)  # type: ignore[attr-defined]
+    rank_inputs = inputs(unit_margin=margins, p_accept=[0.5, 0.5, 0.5], stock_units=[50, 100, 99])
+    assert order_for(rank_inputs, **rules) == expected, case
+    parts = score(rank_inputs, compile_policy(policy(**rules), CATALOG), "cart")
+    assert parts.contribution[1] == pytest.approx(0.5 * 1.0 * 1.2)
+
+
+def test_the_boost_is_bounded_by_the_policy() -> None:
+    """A sell-through boost above 0.5 is refused when the policy is validated."""
+    with pytest.raises(ValueError, match="sell_through_boost"):
+        policy(ranking={"sell_through_boost": 0.6})
