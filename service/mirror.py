@@ -60,6 +60,19 @@ def build_serving_generator(
     )
 
 
+def compile_for(policy: Policy, catalog: Catalog) -> CompiledPolicy:
+    """``compile_policy``, saying in the log which of the policy's categories the item
+    master lacks: a typo there would otherwise restrict nothing, silently."""
+    compiled = compile_policy(policy, catalog)
+    if compiled.unknown_categories:
+        log.warning(
+            "policy_categories_unknown",
+            policy_version=policy.content_hash,
+            categories=list(compiled.unknown_categories),
+        )
+    return compiled
+
+
 def join_model_to_catalog(
     artifacts: ModelArtifacts, catalog: Catalog
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
@@ -107,7 +120,7 @@ class SnapshotMirror:
                 serving = self._serving
                 self._serving = replace(
                     serving,
-                    policy=compile_policy(policy, serving.catalog),
+                    policy=compile_for(policy, serving.catalog),
                     generator=build_serving_generator(
                         self._artifacts, policy, serving.catalog, serving.model_to_catalog
                     ),
@@ -150,7 +163,7 @@ class SnapshotMirror:
                 meta=master.meta,
                 catalog=catalog,
                 nodes=nodes,
-                policy=compile_policy(self._policy, catalog),
+                policy=compile_for(self._policy, catalog),
                 model_to_catalog=model_to_catalog,
                 catalog_to_model=catalog_to_model,
                 generator=build_serving_generator(

@@ -39,6 +39,9 @@ from rules.constraints import (
     RequestFacts,
     apply_constraints,
     available_units,
+    basket_shipping_nodes,
+    candidate_facts,
+    sellable_stock,
     with_fulfilment,
 )
 from rules.eligibility import EligibleNodes, eligible_nodes
@@ -428,22 +431,15 @@ class Recommender:
         basket lines some eligible node can fulfil (all True when no basket is read)."""
         catalog, compiled = serving.catalog, serving.policy
         catalog_pos = serving.model_to_catalog[candidates.item_idx]
-        known = catalog_pos >= 0
-        safe = np.where(known, catalog_pos, 0)
-        price = np.where(known, catalog.effective_price(safe, now=request.now), np.nan)
-        count, columns = len(catalog_pos), len(nodes.positions)
-        facts = CandidateFacts(
-            catalog_pos=catalog_pos,
-            category_code=np.where(known, catalog.category_code[safe], len(catalog.categories)),
+        count = len(catalog_pos)
+        facts = candidate_facts(
+            catalog,
+            compiled,
+            catalog_pos,
             uses_history=np.isin(candidates.kind, _HISTORY_KINDS),
-            age_restricted=known & catalog.age_restricted[safe],
-            excluded_vendor=known & compiled.excluded_item[safe],
-            effective_price=price,
-            unit_margin=price - np.where(known, catalog.unit_cost[safe], np.nan),
-            available=np.full((count, columns), -1, dtype=np.int64, order="F"),
-            inbound=np.zeros((count, columns), dtype=np.int64, order="F"),
-            ranged_at_store=np.zeros(count, dtype=np.bool_),
-            fulfilment_cost=np.full(count, np.nan),
+            channel=request.channel,
+            now=request.now,
+            nodes=len(nodes.positions),
         )
         drop_reason = apply_constraints(facts, request, compiled, MASTER_CONSTRAINTS)
         survivors = np.flatnonzero(drop_reason == KEPT)
@@ -453,25 +449,42 @@ class Recommender:
         available, inbound, ranged = await self._read_stock(
             serving, read_pos, nodes, degraded, now=request.now
         )
-        ship_to_home = catalog.ship_to_home[read_pos]
-        if request.channel == "pos":
-            # A DC column serves POS only for items sold for home delivery.
-            sellable = nodes.take_home[np.newaxis, :] | ship_to_home[:, np.newaxis]
-            available = np.where(sellable, available, -1)
+        # A DC column serves POS only for items sold for home delivery.
+        available = sellable_stock(
+            available,
+            catalog.ship_to_home[read_pos],
+            nodes.take_home,
+            channel=request.channel,
+        )
         split = len(survivors)
         basket_covered: npt.NDArray[np.bool_] = np.ones(len(basket_pos), dtype=np.bool_)
         if basket_pos.size:
-            request = _with_basket_nodes(request, available[split:], basket_quantity)
-            basket_covered = np.any(available[split:] >= basket_quantity[:, np.newaxis], axis=1)
-        facts.available[survivors] = available[:split]
-        facts.inbound[survivors] = inbound[:split]
-        if request.channel == "pos":
-            facts.ranged_at_store[survivors] = (ranged[:split] & nodes.take_home).any(axis=1)
-
-        stock_view, column = with_fulfilment(facts.take(survivors), request, compiled)
+            basket_available = available[split:]
+            request = request.with_basket_nodes(
+                basket_shipping_nodes(basket_available, basket_quantity, request.node_cost)
+            )
+            basket_covered = np.any(basket_available >= basket_quantity[:, np.newaxis], axis=1)
+        ranged_at_store: npt.NDArray[np.bool_] = (
+            np.any(ranged[:split] & nodes.take_home, axis=1)
+            if request.channel == "pos"
+            else np.zeros(split, dtype=np.bool_)
+        )
+        stock_view, column = with_fulfilment(
+            facts.with_stock(
+                survivors,
+                available=np.asfortranarray(available[:split]),
+                inbound=np.asfortranarray(inbound[:split]),
+                ranged_at_store=ranged_at_store,
+            ),
+            request,
+            compiled,
+        )
         drop_reason[survivors] = apply_constraints(stock_view, request, compiled, STOCK_CONSTRAINTS)
         node_column = np.full(count, -1, dtype=np.int64)
         node_column[survivors] = column
+        facts.available[survivors] = stock_view.available
+        facts.inbound[survivors] = stock_view.inbound
+        facts.ranged_at_store[survivors] = ranged_at_store
         facts.fulfilment_cost[survivors] = stock_view.fulfilment_cost
         judged = _Judged(
             item_idx=candidates.item_idx,
@@ -552,7 +565,7 @@ class Recommender:
         kept: IntArray,
         query: RecommendationQuery,
     ) -> tuple[ScoreParts, npt.NDArray[np.float64], IntArray]:
-        catalog, compiled = serving.catalog, serving.policy
+        compiled = serving.policy
         catalog_pos = judged.catalog_pos[kept]
         columns = judged.node_column[kept]
         rows = np.arange(len(kept))
@@ -571,7 +584,7 @@ class Recommender:
             p_accept=p_accept,
             effective_price=facts.effective_price[kept],
             unit_margin=facts.unit_margin[kept],
-            return_rate=catalog.return_rate[catalog_pos],
+            return_rate=facts.return_rate[kept],
             fulfilment_cost=facts.fulfilment_cost[kept],
             stock_units=stock_units.astype(np.int64),
         )
@@ -582,6 +595,7 @@ class Recommender:
             inputs.category_code,
             limit=query.limit,
             max_per_category=compiled.policy.ranking.max_per_category,
+            restricted_partners=compiled.restricted_partners,
         )
         return parts, p_accept, order
 
@@ -594,8 +608,9 @@ class Recommender:
         *,
         now: datetime,
     ) -> tuple[IntArray, IntArray, npt.NDArray[np.bool_]]:
-        """Available units (ATP minus safety stock, -1 where not ranged), inbound and ranged,
-        shape (items, eligible nodes), in one round trip.
+        """Available units (ATP minus safety stock, -1 where not ranged or not trusted),
+        inbound, and ranged (an inventory row exists, trusted or not), shape (items, eligible
+        nodes), in one round trip.
 
         Fails closed: when stock cannot be read, or a figure is older than the policy trusts,
         that stock does not exist for this request, and ``degraded`` says why. Under
@@ -603,10 +618,12 @@ class Recommender:
         replica read last for these cells (``service.store.last_known``), aged as any other.
         """
         shape = (len(catalog_pos), len(nodes.positions))
+        # Unread stock: nothing to sell, but not "not ranged": an item that cannot be seen is
+        # out of stock for this request, not out of the store's assortment.
         unseen = (
             np.full(shape, -1, dtype=np.int64),
             np.zeros(shape, dtype=np.int64),
-            np.zeros(shape, dtype=np.bool_),
+            np.ones(shape, dtype=np.bool_),
         )
         if not shape[0] or not shape[1]:
             return unseen
@@ -641,7 +658,7 @@ class Recommender:
                 )
             trusted = stock.ranged & fresh
         available = available_units(stock.atp, stock.safety_stock, trusted)
-        return available, np.where(trusted, stock.inbound, 0).astype(np.int64), trusted
+        return available, np.where(trusted, stock.inbound, 0).astype(np.int64), stock.ranged
 
     @staticmethod
     def _log_decision(
@@ -692,28 +709,6 @@ def _unmodelled_categories(serving: ServingSnapshot, asked_pos: IntArray) -> tup
     new_items = asked_pos[serving.catalog_to_model[asked_pos] < 0]
     codes = np.unique(serving.catalog.category_code[new_items])
     return tuple(serving.catalog.categories[int(code)] for code in codes)
-
-
-def _with_basket_nodes(
-    request: RequestFacts, basket_available: IntArray, basket_quantity: IntArray
-) -> RequestFacts:
-    """The request with ``basket_node`` set: for each basket line, the node it would ship
-    from (the one with most stock covering its quantity)."""
-    covers = basket_available >= basket_quantity[:, np.newaxis]
-    best = np.argmax(np.where(covers, basket_available, -1), axis=1)
-    shipped = covers[np.arange(len(best)), best]
-    basket_node = np.zeros(basket_available.shape[1], dtype=np.bool_)
-    basket_node[best[shipped]] = True
-    return RequestFacts(
-        channel=request.channel,
-        excluded_pos=request.excluded_pos,
-        basket_category_codes=request.basket_category_codes,
-        quantity=request.quantity,
-        now=request.now,
-        consent=request.consent,
-        node_cost=request.node_cost,
-        basket_node=basket_node,
-    )
 
 
 def _concatenate(rounds: list[_Judged]) -> _Judged:

@@ -121,6 +121,11 @@ class ExplanationCache(Protocol):
         """The shared tier's text for each key (kept in process too); all None without one."""
         ...
 
+    def keep(self, key: CacheKey, text: str) -> None:
+        """Store ``text`` in the in-process tier now (no I/O): a request arriving before the
+        shared write lands must already find it, or it would queue the pair again."""
+        ...
+
     async def put(self, key: CacheKey, text: str) -> None:
         """Store ``text`` under ``key`` in every tier, for the cache's TTL."""
         ...
@@ -187,6 +192,9 @@ class MemoryExplanationCache:
         while len(self._entries) > self._max_entries:
             self._entries.popitem(last=False)
 
+    def keep(self, key: CacheKey, text: str) -> None:
+        self.set(key, text)
+
     async def put(self, key: CacheKey, text: str) -> None:
         self.set(key, text)
 
@@ -252,6 +260,9 @@ class RedisExplanationCache:
             else:
                 found.append(None)
         return found
+
+    def keep(self, key: CacheKey, text: str) -> None:
+        self._local.set(key, text)
 
     async def put(self, key: CacheKey, text: str) -> None:
         self._local.set(key, text)

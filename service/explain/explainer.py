@@ -480,7 +480,9 @@ class LlmExplainer:
         )
 
     def _write_to_cache(self, key: CacheKey, text: str) -> None:
-        # Not awaited by the request: a Redis write must not spend the caller's budget.
+        # The in-process tier at once, so that the pair's job is done when its key is freed;
+        # the shared write is not awaited: a Redis write must not spend the caller's budget.
+        self._cache.keep(key, text)
         self._spawn(self._cache.put(key, text))
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:

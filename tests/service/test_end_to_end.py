@@ -155,9 +155,10 @@ class ConstraintOracle:
         asked = [line["sku"] for line in body.get("basket", [])] + [body.get("sku")]
         basket = {self.items[sku]["category"] for sku in asked if sku in self.items}
         problems = []
-        for item in items:
-            category = self.items[item["sku"]]["category"]
-            for other in basket:
+        shown = [self.items[item["sku"]]["category"] for item in items]
+        for index, item in enumerate(items):
+            category = shown[index]
+            for other in basket | set(shown[:index]):
                 if frozenset([category, other]) in self.restricted:
                     problems.append(f"{item['sku']}: {category} may not pair with {other}")
         return problems
