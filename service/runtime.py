@@ -15,6 +15,7 @@ from models.calibration import load_calibration
 from models.interfaces import ModelArtifacts
 from rules.errors import NotReadyError
 from rules.policy import Policy, load_policy
+from service.exposures import ExposureRecorder, open_exposure_sink, pseudonymizer_for
 from service.mirror import SnapshotMirror
 from service.pipeline import Recommender
 from service.settings import Settings
@@ -33,6 +34,7 @@ class Runtime:
     mirror: SnapshotMirror | None
     recommender: Recommender | None
     not_ready_reason: str | None
+    exposures: ExposureRecorder | None = None  # what every response showed, for the ROI report
 
     @classmethod
     async def start(cls, settings: Settings, *, store: SnapshotStore | None = None) -> Runtime:
@@ -55,11 +57,18 @@ class Runtime:
         calibration = load_calibration(settings.artifacts_dir / artifacts.version)
         if calibration is None:
             log.warning("calibration_missing", effect="ranking uses raw relevance as p(accept)")
+        exposures = ExposureRecorder(
+            open_exposure_sink(settings),
+            pseudonymizer_for(settings),
+            capacity=settings.exposures_buffer,
+        )
+        exposures.start()
         recommender = Recommender(
             mirror=mirror,
             store=store,
             artifacts=artifacts,
             calibration=calibration,
+            exposures=exposures,
         )
         log.info(
             "service_started",
@@ -68,7 +77,7 @@ class Runtime:
             policy_version=policy.content_hash,
             snapshot_version=mirror.loaded.meta.version if mirror.loaded else None,
         )
-        return cls(settings, store, policy, artifacts, mirror, recommender, None)
+        return cls(settings, store, policy, artifacts, mirror, recommender, None, exposures)
 
     async def reload_policy(self) -> Policy:
         """Load and validate the configured policy file, then serve it.
@@ -107,4 +116,6 @@ class Runtime:
         return checks
 
     async def close(self) -> None:
+        if self.exposures is not None:
+            await self.exposures.close()
         await self.store.close()
