@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from service.api.admin import router as inventory_router
 from service.api.admin_policy import router as admin_policy_router
 from service.api.errors import install_error_handlers
+from service.api.events import router as events_router
 from service.api.routes import router
 from service.logging import configure_logging
 from service.request_id import RequestIdMiddleware
@@ -41,5 +42,6 @@ def create_app(settings: Settings, *, store: SnapshotStore | None = None) -> Fas
     app.include_router(router)
     app.include_router(admin_policy_router)
     app.include_router(inventory_router)
+    app.include_router(events_router)
     app.add_middleware(RequestIdMiddleware)
     return app
