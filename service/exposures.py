@@ -7,7 +7,8 @@ exposure per response::
     {"request_id", "at" (ISO 8601, naive UTC), "experiment", "arm", "strategy", "unit",
      "channel", "store_id", "region", "customer": keyed hash or null, "session": keyed hash
      or null, "policy", "model", "snapshot",
-     "items": [{"sku", "kind", "category", "unit_price", "unit_margin", "fulfilment_cost"}],
+     "items": [{"sku", "kind", "category", "unit_price", "unit_margin", "fulfilment_cost",
+                "node"}],
      "withheld": [... the same, for a holdout arm ...],
      "llm_input_tokens", "llm_output_tokens" (only when the caller knows them)}
 
@@ -84,6 +85,7 @@ EXPOSURE_ITEM_SCHEMA: Final = pl.Struct(
         "unit_price": pl.Float64(),
         "unit_margin": pl.Float64(),
         "fulfilment_cost": pl.Float64(),
+        "node": pl.String(),
     }
 )
 EXPOSURE_SCHEMA: Final = pl.Schema(
@@ -299,6 +301,7 @@ def exposure_item(item: RecommendedItem) -> dict[str, object]:
         "unit_price": item.unit_price,
         "unit_margin": item.unit_margin,
         "fulfilment_cost": item.score_parts.fulfilment_cost,
+        "node": item.fulfillment_node,
     }
 
 
@@ -356,8 +359,8 @@ class ExposureRecorder:
             "channel": result.channel,
             "store_id": query.store_id,
             "region": query.region,
-            "customer": None if query.customer_id is None else self._pseudonymize(query.customer_id),
-            "session": None if query.session_id is None else self._pseudonymize(query.session_id),
+            "customer": self._pseudonym(query.customer_id),
+            "session": self._pseudonym(query.session_id),
             "policy": result.versions.policy,
             "model": result.versions.model,
             "snapshot": result.versions.snapshot,
@@ -370,6 +373,9 @@ class ExposureRecorder:
         self.recorded += 1
         if len(self._buffer) >= self._batch_size:
             self._wake.set()
+
+    def _pseudonym(self, value: str | None) -> str | None:
+        return None if value is None else self._pseudonymize(value)
 
     def start(self) -> None:
         """Start the background flush (inside the running event loop)."""
@@ -429,9 +435,7 @@ async def exposures_frame(sink: ExposureSink) -> pl.DataFrame:
     frame = pl.DataFrame(
         [{name: record.get(name) for name in as_read} for record in records], schema=as_read
     )
-    return frame.with_columns(
-        pl.col("at").str.to_datetime("%Y-%m-%dT%H:%M:%S%.f", time_unit="us")
-    )
+    return frame.with_columns(pl.col("at").str.to_datetime("%Y-%m-%dT%H:%M:%S%.f", time_unit="us"))
 
 
 async def export_exposures(sink: ExposureSink, path: Path) -> int:

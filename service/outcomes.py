@@ -172,9 +172,7 @@ def order_records(
 def return_records(frame: pl.DataFrame, *, source: str) -> list[dict[str, Any]]:
     """Validated returns, one record each (``return_id`` must be unique in the batch)."""
     valid = validate_table(frame, RETURNS, file=source)
-    return [
-        {**row, "returned_at": _iso(row["returned_at"])} for row in valid.iter_rows(named=True)
-    ]
+    return [{**row, "returned_at": _iso(row["returned_at"])} for row in valid.iter_rows(named=True)]
 
 
 def _canonical(record: Mapping[str, Any]) -> bytes:
@@ -268,9 +266,7 @@ class FileOutcomeStore:
     def _append(self, name: str, payloads: Sequence[bytes]) -> None:
         if not payloads:
             return
-        descriptor = os.open(
-            self.directory / name, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600
-        )
+        descriptor = os.open(self.directory / name, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:
             os.write(descriptor, b"".join(payload + b"\n" for payload in payloads))
             os.fsync(descriptor)
@@ -420,7 +416,8 @@ class RedisOutcomeStore:
 def open_outcome_store(settings: Settings) -> OutcomeStore:
     """Redis when ``UPSELL_REDIS_URL`` is set, else ``<state_dir>/outcomes/``."""
     if settings.redis_url:
-        return RedisOutcomeStore(open_redis_client(settings.redis_url), prefix=settings.redis_prefix)
+        client = open_redis_client(settings.redis_url)
+        return RedisOutcomeStore(client, prefix=settings.redis_prefix)
     return FileOutcomeStore(settings.state_dir / "outcomes")
 
 

@@ -118,9 +118,7 @@ class OrderEventsRequest(BaseModel):
         for position, order in enumerate(self.orders):
             skus = [line.sku for line in order.lines]
             if len(set(skus)) != len(skus):
-                raise ValueError(
-                    f"orders[{position}].lines: one line per sku (quantities summed)"
-                )
+                raise ValueError(f"orders[{position}].lines: one line per sku (quantities summed)")
         return self
 
 
