@@ -37,7 +37,7 @@ import orjson
 import polars as pl
 import redis.exceptions
 
-from models.data.contract import merge_duplicate_order_lines, validate_table
+from models.data.contract import merge_duplicate_order_lines, read_file, validate_table
 from models.data.schema import ORDER_LINES, Column, TableSpec
 from rules.errors import ContractError, StoreError
 from service.exposures import AnyRedis, Pseudonymizer, open_redis_client
@@ -54,6 +54,7 @@ __all__ = [
     "open_outcome_store",
     "order_records",
     "outcome_frames",
+    "read_outcome_files",
     "return_records",
 ]
 
@@ -173,6 +174,17 @@ def return_records(frame: pl.DataFrame, *, source: str) -> list[dict[str, Any]]:
     """Validated returns, one record each (``return_id`` must be unique in the batch)."""
     valid = validate_table(frame, RETURNS, file=source)
     return [{**row, "returned_at": _iso(row["returned_at"])} for row in valid.iter_rows(named=True)]
+
+
+def read_outcome_files(
+    orders: Path | None, returns: Path | None, pseudonymize: Pseudonymizer
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Order records and return records from contract files (either may be absent)."""
+    order_list = (
+        order_records(read_file(orders), pseudonymize, source=orders.name) if orders else []
+    )
+    return_list = return_records(read_file(returns), source=returns.name) if returns else []
+    return order_list, return_list
 
 
 def _canonical(record: Mapping[str, Any]) -> bytes:
