@@ -137,6 +137,7 @@ def _trigger(orders: pl.DataFrame, exposures: pl.DataFrame, window: timedelta) -
             by="unit_key",
             strategy="backward",
             tolerance=window,
+            check_sortedness=False,  # sorted by time above; polars cannot check within groups
         ).filter(pl.col("arm").is_not_null())
         matched.append(joined.with_columns(pl.lit(unit).alias("unit_kind")))
     if not matched:
@@ -186,6 +187,7 @@ def _attach(
         by=["unit_key", "sku"],
         strategy="backward",
         tolerance=window,
+        check_sortedness=False,  # sorted by time above; polars cannot check within groups
     )
     return joined.with_columns(pl.col("at").is_not_null().alias("matched")).drop("at")
 

@@ -73,7 +73,7 @@ table { border-collapse: collapse; width: 100%; font-size: 12px; margin-top: .5r
 th, td { border-bottom: 1px solid #eee; padding: 3px 6px; text-align: right; }
 th:nth-child(-n+4), td:nth-child(-n+4) { text-align: left; }
 figure.chart { margin: 1rem 0; } figcaption { color: #555; font-size: 12px; }
-ul.notes li { margin: .2rem 0; }
+ul.notes li { margin: .2rem 0; } .scroll { overflow-x: auto; }
 """
 
 
@@ -171,7 +171,8 @@ def bars_svg(
     """Grouped vertical bars: one group per label, one bar per series."""
     series = list(dict.fromkeys(name for group in groups for name, _ in group.values))
     bar, gap, left, top, plot_height = 26, 22, 60, 34, 220
-    width = left + max(1, len(groups)) * (len(series) * bar + gap) + 160
+    legend = 40 + 7 * max((len(name) for name in series), default=0)
+    width = left + max(1, len(groups)) * (len(series) * bar + gap) + legend
     height = top + plot_height + 60
     values = [v for group in groups for _, v in group.values if v is not None]
     low, high = min([*values, 0.0]), max([*values, 0.0])
@@ -186,7 +187,7 @@ def bars_svg(
         f' viewBox="0 0 {width} {height}">',
         f"<title>{html.escape(title)}</title>",
         f'<text x="{left}" y="18" font-size="13" font-weight="600">{html.escape(title)}</text>',
-        f'<line x1="{left}" y1="{y(0):.1f}" x2="{width - 160}" y2="{y(0):.1f}" stroke="#999"/>',
+        f'<line x1="{left}" y1="{y(0):.1f}" x2="{width - legend}" y2="{y(0):.1f}" stroke="#999"/>',
     ]
     for tick in _ticks(low, high):
         parts.append(
@@ -213,9 +214,10 @@ def bars_svg(
     for position, name in enumerate(series):
         legend_y = top + 14 + position * 18
         parts.append(
-            f'<rect x="{width - 150}" y="{legend_y - 10}" width="12" height="12" '
+            f'<rect x="{width - legend + 10}" y="{legend_y - 10}" width="12" height="12" '
             f'fill="{_PALETTE[position % len(_PALETTE)]}"/>'
-            f'<text x="{width - 132}" y="{legend_y}" font-size="12">{html.escape(name)}</text>'
+            f'<text x="{width - legend + 28}" y="{legend_y}" font-size="12">'
+            f"{html.escape(name)}</text>'
         )
     parts.append("</svg>")
     return "".join(parts)
@@ -247,7 +249,10 @@ def figure(svg: str, *, name: str, caption: str) -> str:
 def table(rows: Iterable[Sequence[object]], header: Sequence[str]) -> str:
     head = "".join(f"<th>{html.escape(name)}</th>" for name in header)
     body = "".join("<tr>" + "".join(f"<td>{cell}</td>" for cell in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return (
+        f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody>'
+        "</table></div>"
+    )
 
 
 def page(title: str, body: str) -> str:
