@@ -217,7 +217,7 @@ def bars_svg(
             f'<rect x="{width - legend + 10}" y="{legend_y - 10}" width="12" height="12" '
             f'fill="{_PALETTE[position % len(_PALETTE)]}"/>'
             f'<text x="{width - legend + 28}" y="{legend_y}" font-size="12">'
-            f"{html.escape(name)}</text>'
+            f"{html.escape(name)}</text>"
         )
     parts.append("</svg>")
     return "".join(parts)
