@@ -474,3 +474,72 @@ def test_roi_report_cli_writes_html_and_csv(
     assert "http://" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "")
     assert main(["roi", "report", "--experiment", "nope", *common, "--out", str(out)]) == 2
     assert "no experiment 'nope'" in capsys.readouterr().err
+
+
+# -- the page in a real browser ---------------------------------------------------------------
+
+
+def test_the_page_renders_its_charts_in_headless_chromium(
+    rehearsal: Rehearsal, tmp_path: Path
+) -> None:
+    """The ROI page (and the simulation page) opened in headless Chromium: no console error,
+    no exception, no request leaving the file, and every chart drawn with visible marks."""
+    from service.roi.render import write_report
+    from service.roi.simulate import simulation_html
+    from tests.service.chromium import chromium_or_skip, visit
+
+    chromium_or_skip()
+    report = asyncio.run(
+        build_report(
+            rehearsal.settings,
+            experiment_name="rehearsal",
+            policy_path=rehearsal.policy_path,
+            items_path=rehearsal.items_path,
+            replicates=300,
+        )
+    )
+    html_path = write_report(report, tmp_path, currency="GBP")[0]
+    screenshot = tmp_path / "roi.png"
+    seen = visit(html_path, screenshot=screenshot)
+    assert seen.console_errors == []
+    assert seen.exceptions == []
+    assert seen.log_errors == []
+    assert all(url.startswith(("file://", "data:")) for url in seen.requests), seen.requests
+    assert [chart["name"] for chart in seen.charts] == [
+        "incremental-margin",
+        "margin-per-order",
+        "attachment",
+        "by-category",
+    ]
+    for chart in seen.charts:
+        assert chart["width"] > 100, chart
+        assert chart["height"] > 50, chart
+        assert chart["marks"] > 0, chart
+        assert chart["visible"] == chart["marks"], chart
+    assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert screenshot.stat().st_size > 20_000
+
+    simulation_page = tmp_path / "simulation.html"
+    simulation_page.write_text(simulation_html(rehearsal.result, currency="GBP"))
+    seen = visit(simulation_page)
+    assert (seen.console_errors, seen.exceptions, seen.log_errors) == ([], [], [])
+    assert [chart["name"] for chart in seen.charts] == ["expected-margin", "expected-incremental"]
+    assert all(chart["visible"] == chart["marks"] > 0 for chart in seen.charts), seen.charts
+
+
+def test_the_browser_check_catches_a_broken_page(tmp_path: Path) -> None:
+    """The same check on a page with a console error, an exception and an empty chart fails
+    on each: the test above could fail."""
+    from tests.service.chromium import chromium_or_skip, visit
+
+    chromium_or_skip()
+    broken = tmp_path / "broken.html"
+    broken.write_text(
+        '<!DOCTYPE html><html><body><figure class="chart" data-chart="empty">'
+        '<svg width="0" height="0"><rect class="bar" width="0" height="0"/></svg></figure>'
+        '<script>console.error("chart data missing"); drawChart();</script></body></html>'
+    )
+    seen = visit(broken)
+    assert seen.console_errors == ["chart data missing"]
+    assert len(seen.exceptions) == 1
+    assert seen.charts == [{"name": "empty", "width": 0, "height": 0, "marks": 1, "visible": 0}]
