@@ -308,3 +308,21 @@ def test_experiments_enter_the_policy_hash() -> None:
     assert first == parse_policy(policy_text(base), source="b").content_hash
     assert first != parse_policy(policy_text(salted), source="c").content_hash
     assert first != load_policy().content_hash
+
+
+def test_documented_examples_are_valid_policies() -> None:
+    """The experiments block of docs/experiments.md and the commented one in the default
+    policy both validate, so the documentation cannot drift from the schema."""
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    doc = (repo / "docs" / "experiments.md").read_text("utf-8")
+    block = doc.split("```yaml\n", 1)[1].split("```", 1)[0]
+    documented = yaml.safe_load(block)["experiments"]
+    parse_policy(policy_text(documented), source="docs/experiments.md")
+    default = (repo / "rules" / "policies" / "default.yaml").read_text("utf-8")
+    commented = default.split("  # running:\n", 1)[1]
+    running = yaml.safe_load(
+        "\n".join(line.replace("  # ", "  ", 1) for line in commented.splitlines())
+    )
+    parse_policy(policy_text({"running": running}), source="default.yaml (commented)")
