@@ -267,3 +267,44 @@ def result(request_id: str) -> Recommendation:
         versions=Versions(model="m", snapshot="s", policy="p"),
         candidates_considered=0,
     )
+
+
+def test_decision_record_names_the_arm(
+    demo_data: DemoData, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """The decision record logs experiment and arm (and what a holdout withheld), still
+    without the customer id."""
+    import orjson
+
+    settings = Settings(
+        state_dir=tmp_path / "state",
+        artifacts_dir=demo_data.artifacts_dir,
+        policy_path=holdout_policy(tmp_path / "policy.yaml"),
+        snapshot_refresh_seconds=0,
+        log_level="info",
+    )
+    publish(settings, read_snapshot_dir(demo_data.contract_dir))
+    customers = [f"CUSTOMER-{number:04d}" for number in range(12)]
+    with TestClient(create_app(settings)) as client:
+        capfd.readouterr()
+        answers = [
+            client.post(
+                "/v1/recommendations",
+                json={"channel": "cart", "basket": BASKET, "region": "UK", "customer_id": c},
+            ).json()
+            for c in customers
+        ]
+    logged = capfd.readouterr().err
+    decisions = {
+        record["request_id"]: record
+        for record in (orjson.loads(line) for line in logged.splitlines() if line.startswith("{"))
+        if record.get("event") == "decision"
+    }
+    assert len(decisions) == len(customers)
+    for answer in answers:
+        decision = decisions[answer["request_id"]]
+        assert decision["experiment"] == EXPERIMENT
+        assert decision["arm"] == answer["experiment"]["arm"]
+        assert bool(decision["withheld"]) == (decision["arm"] == "holdout")
+    assert {decision["arm"] for decision in decisions.values()} == {"holdout", "margin"}
+    assert not any(customer in logged for customer in customers)
