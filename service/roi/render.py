@@ -172,7 +172,10 @@ def bars_svg(
     series = list(dict.fromkeys(name for group in groups for name, _ in group.values))
     bar, gap, left, top, plot_height = 26, 22, 60, 34, 220
     legend = 40 + 7 * max((len(name) for name in series), default=0)
-    width = left + max(1, len(groups)) * (len(series) * bar + gap) + legend
+    width = max(
+        left + max(1, len(groups)) * (len(series) * bar + gap) + legend,
+        left + 8 * len(title),  # room for the title, whatever the number of bars
+    )
     height = top + plot_height + 60
     values = [v for group in groups for _, v in group.values if v is not None]
     low, high = min([*values, 0.0]), max([*values, 0.0])
@@ -293,17 +296,14 @@ def report_html(report: RoiReport, *, currency: str, generated_at: datetime | No
         point = _float(row.get("incremental_margin_per_order"))
         significant = row.get("significant")
         underpowered = row.get("underpowered")
-        verdict = (
-            '<span class="flag warn">underpowered</span>'
-            if underpowered
-            else (
-                '<span class="flag good">significant</span>'
-                if significant and point is not None and point > 0
-                else '<span class="flag bad">significant loss</span>'
-                if significant
-                else '<span class="flag">no significant effect</span>'
-            )
-        )
+        if not significant:
+            verdict = '<span class="flag">no significant effect</span>'
+        elif point is not None and point > 0:
+            verdict = '<span class="flag good">significant gain</span>'
+        else:
+            verdict = '<span class="flag bad">significant loss</span>'
+        if underpowered:
+            verdict += ' · <span class="flag warn">underpowered</span> for the target effect'
         orders = row.get("orders")
         total = point * orders if point is not None and isinstance(orders, int) else None
         cards.append(
