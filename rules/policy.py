@@ -1,4 +1,5 @@
-"""The policy schema: margin floors, ranking knobs, restrictions, fulfilment and stock rules.
+"""The policy schema: margin floors, ranking knobs, restrictions, fulfilment and stock rules,
+and the holdout experiments that measure what they earn.
 
 Loaded from versioned YAML and validated whole by pydantic; its hash (over the validated
 content, so formatting does not change it) goes into every response and decision record.
@@ -22,6 +23,15 @@ from rules.errors import PolicyError
 Channel = Literal["cart", "pdp", "pos", "contact_center"]
 CHANNELS: tuple[Channel, ...] = ("cart", "pdp", "pos", "contact_center")
 Objective = Literal["margin", "sell_through", "revenue", "relevance"]
+# What an experiment arm does to ranking: ``holdout`` shows nothing (the exposure is still
+# recorded, with the items it would have shown), ``relevance`` ranks by relevance alone
+# (margin_weight 0 everywhere), ``policy`` uses the policy's own knobs, ``margin_weight``
+# sets every knob's weight to the arm's ``margin_weight``.
+ArmStrategy = Literal["holdout", "relevance", "policy", "margin_weight"]
+# Experiment and arm names go into every response, exposure and report: short and plain.
+EXPERIMENT_NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,63}$"
+# Shares are written as decimals in YAML; this much rounding slack still sums to one.
+_SHARE_TOLERANCE = 1e-6
 
 
 class _Scoped(BaseModel):
@@ -177,6 +187,129 @@ class StockPolicy(BaseModel):
         return self
 
 
+class ExperimentArm(BaseModel):
+    """One arm: its share of the experiment's units and what it does to ranking."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=EXPERIMENT_NAME_PATTERN)
+    share: float = Field(gt=0, le=1, description="Share of the experiment's units (0..1].")
+    strategy: ArmStrategy
+    margin_weight: float | None = Field(
+        default=None, ge=0, le=1, description="Every knob's weight; strategy margin_weight only."
+    )
+
+    @model_validator(mode="after")
+    def _weight_with_its_strategy(self) -> ExperimentArm:
+        if self.strategy == "margin_weight" and self.margin_weight is None:
+            raise ValueError("margin_weight: required by strategy margin_weight")
+        if self.strategy != "margin_weight" and self.margin_weight is not None:
+            raise ValueError(
+                f"margin_weight: only strategy margin_weight takes one (this arm is "
+                f"{self.strategy!r})"
+            )
+        return self
+
+
+class ExperimentScope(BaseModel):
+    """Which requests an experiment takes; an empty list does not restrict."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    channels: tuple[Channel, ...] = ()
+    categories: tuple[str, ...] = Field(
+        default=(), description="A basket or PDP item is of one of these categories."
+    )
+    store_clusters: tuple[str, ...] = Field(
+        default=(), description="The request's store is in one of these clusters."
+    )
+
+
+class Experiment(BaseModel):
+    """A randomised holdout test: units (customers, else sessions) split between arms."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=EXPERIMENT_NAME_PATTERN)
+    salt: str = Field(
+        min_length=1,
+        max_length=64,
+        description="Mixed into the assignment hash; a new salt reshuffles every unit.",
+    )
+    arms: tuple[ExperimentArm, ...] = Field(min_length=2)
+    scope: ExperimentScope = ExperimentScope()
+    control: str | None = Field(
+        default=None, description="The arm the others are compared with (default: the first)."
+    )
+    target_effect: float | None = Field(
+        default=None,
+        gt=0,
+        description="Smallest uplift in gross margin per order worth detecting (currency "
+        "units); the report flags the test underpowered while it cannot detect this much "
+        "(default: 2% of the control arm's margin per order).",
+    )
+
+    @model_validator(mode="after")
+    def _arms_consistent(self) -> Experiment:
+        names = [arm.name for arm in self.arms]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"arms: names must be unique, repeated: {', '.join(repeated)}")
+        total = sum(arm.share for arm in self.arms)
+        if abs(total - 1.0) > _SHARE_TOLERANCE:
+            raise ValueError(f"arms: shares must sum to 1, they sum to {total:g}")
+        if self.control is not None and self.control not in names:
+            raise ValueError(f"control: {self.control!r} is not an arm ({', '.join(names)})")
+        return self
+
+    @property
+    def control_arm(self) -> ExperimentArm:
+        wanted = self.control or self.arms[0].name
+        return next(arm for arm in self.arms if arm.name == wanted)
+
+
+class ExperimentsPolicy(BaseModel):
+    """Holdout experiments, the store clusters their scopes name, and outcome attribution."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    attribution_window_hours: float = Field(
+        default=168.0,
+        gt=0,
+        le=24 * 90,
+        description="An item bought this long after it was shown counts as attached.",
+    )
+    store_clusters: dict[str, tuple[str, ...]] = Field(
+        default_factory=dict, description="Named groups of store ids, for experiment scopes."
+    )
+    running: tuple[Experiment, ...] = Field(
+        default=(),
+        description="A request joins the first experiment (in this order) whose scope it "
+        "matches and that has a unit id for it.",
+    )
+
+    @model_validator(mode="after")
+    def _references(self) -> ExperimentsPolicy:
+        names = [experiment.name for experiment in self.running]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"running: experiment names must be unique: {', '.join(repeated)}")
+        for cluster, stores in self.store_clusters.items():
+            if not stores:
+                raise ValueError(f"store_clusters.{cluster}: a cluster needs at least one store")
+        for position, experiment in enumerate(self.running):
+            unknown = [c for c in experiment.scope.store_clusters if c not in self.store_clusters]
+            if unknown:
+                raise ValueError(
+                    f"running.{position}.scope.store_clusters: unknown cluster(s) "
+                    f"{', '.join(unknown)}; define them under experiments.store_clusters"
+                )
+        return self
+
+    def find(self, name: str) -> Experiment | None:
+        return next((experiment for experiment in self.running if experiment.name == name), None)
+
+
 class Policy(BaseModel):
     """A whole policy file."""
 
@@ -193,6 +326,7 @@ class Policy(BaseModel):
     restrictions: Restrictions = Restrictions()
     fulfilment: Fulfilment = Fulfilment()
     stock: StockPolicy = StockPolicy()
+    experiments: ExperimentsPolicy = ExperimentsPolicy()
 
     @model_validator(mode="after")
     def _consistent(self) -> Policy:

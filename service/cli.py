@@ -17,6 +17,7 @@ from pathlib import Path
 
 from rules.errors import InputError, UpsellError
 from rules.policy import CHANNELS
+from service.cli_roi import add_roi_parsers
 from service.explain.base import WARM_KINDS
 from service.settings import Settings, load_settings
 from service.store.cli_inventory import add_inventory_parser
@@ -304,6 +305,7 @@ def build_parser(settings: Settings) -> argparse.ArgumentParser:
     snap_actions.add_parser("list", help="list retained versions; * marks the current one")
     snap.set_defaults(handler=cmd_snapshot)
     add_inventory_parser(verbs, settings)
+    add_roi_parsers(verbs, settings)
 
     pol = verbs.add_parser("policy", help="policy files", description="Policy file tools.")
     pol_actions = pol.add_subparsers(dest="action", required=True, metavar="ACTION")

@@ -46,6 +46,7 @@ from rules.constraints import (
 )
 from rules.eligibility import EligibleNodes, eligible_nodes
 from rules.errors import StoreError
+from rules.experiments import Assignment, arm_policy, assign
 from rules.policy import Channel
 from rules.ranking import RankingInputs, ScoreParts, rank, score
 from rules.reasons import DropReason, ShowReason
@@ -53,6 +54,7 @@ from rules.staleness import epoch_us, fresh_stock_mask
 from service.explain.base import Explainer, ExplanationRequest, ExplanationSource
 from service.explain.explainer import TemplateExplainer
 from service.explain.requests import explanation_request
+from service.exposures import ExposureRecorder
 from service.mirror import ServingSnapshot, SnapshotMirror
 from service.store.base import SnapshotStore
 
@@ -89,6 +91,7 @@ class RecommendationQuery:
     pdp_sku: str | None = None
     customer_id: str | None = None
     consent: bool = False
+    session_id: str | None = None  # the experiment unit when there is no customer id
     store_id: str | None = None
     region: str | None = None
     limit: int = 5
@@ -122,6 +125,7 @@ class RecommendedItem:
     explanation: str
     explanation_source: ExplanationSource
     score_parts: ScoreTrace
+    category: str = ""
 
 
 @dataclass(frozen=True)
@@ -149,6 +153,9 @@ class Recommendation:
     candidates_considered: int
     dropped_by_rule: dict[str, int] = field(default_factory=dict)
     dropped: tuple[DroppedCandidate, ...] = ()
+    experiment: Assignment | None = None
+    # What a holdout arm would have shown: recorded with the exposure, never answered.
+    withheld: tuple[RecommendedItem, ...] = ()
 
 
 @dataclass(frozen=True, eq=False)
@@ -178,14 +185,17 @@ class Recommender:
         calibration: AcceptanceCalibration | None = None,
         explainer: Explainer | None = None,
         channel_budgets: Mapping[Channel, float] | None = None,
+        exposures: ExposureRecorder | None = None,
     ) -> None:
         """``generator`` overrides the policy's generator mix (the offline evaluation compares
         mixes); by default each snapshot's ``ServingSnapshot.generator`` proposes.
         ``channel_budgets``: server-side seconds per channel, explanation included, for a
         request whose caller gives no deadline; without them such a request gets no time for
-        anything but the in-process cache and templates."""
+        anything but the in-process cache and templates. ``exposures`` records every answer
+        for the ROI report (none offline)."""
         self._explainer: Explainer = explainer or TemplateExplainer()
         self._channel_budgets = dict(channel_budgets or {})
+        self._exposures = exposures
         self._mirror = mirror
         self._calibration = calibration
         self._store = store
@@ -224,6 +234,17 @@ class Recommender:
         )
         known_asked = asked_pos >= 0
         excluded_pos = asked_pos[known_asked]
+        assignment = assign(
+            policy.experiments,
+            channel=query.channel,
+            categories=(
+                catalog.categories[int(code)]
+                for code in np.unique(catalog.category_code[excluded_pos])
+            ),
+            store_id=query.store_id,
+            customer_id=query.customer_id,
+            session_id=query.session_id,
+        )
         nodes = eligible_nodes(
             serving.nodes,
             channel=query.channel,
@@ -301,7 +322,7 @@ class Recommender:
 
         all_judged = _concatenate(rounds)
         kept = np.flatnonzero(all_judged.drop_reason == KEPT)
-        parts, p_accept, order = self._rank(serving, all_judged, kept, query)
+        parts, p_accept, order = self._rank(serving, all_judged, kept, query, assignment)
 
         # Explanation and response. The PDP item is the anchor when there is one (it is asked
         # last), else the last basket line.
@@ -350,6 +371,7 @@ class Recommender:
                     reason_codes=tuple(reason.value for reason in reasons),
                     explanation="",  # filled in below, for all items at once
                     explanation_source="template",
+                    category=catalog.categories[int(catalog.category_code[pos])],
                     score_parts=ScoreTrace(
                         relevance=round(float(all_judged.relevance[row]), 6),
                         p_accept=round(float(p_accept[at]), 6),
@@ -363,11 +385,13 @@ class Recommender:
                 )
             )
 
-        explanations = await self._explainer.explain(explanation_requests, deadline=deadline)
-        items = [
-            replace(item, explanation=explanation.text, explanation_source=explanation.source)
-            for item, explanation in zip(items, explanations, strict=True)
-        ]
+        holdout = assignment is not None and assignment.shows_nothing
+        if not holdout:  # text nobody will read is not worth an LLM call
+            explanations = await self._explainer.explain(explanation_requests, deadline=deadline)
+            items = [
+                replace(item, explanation=explanation.text, explanation_source=explanation.source)
+                for item, explanation in zip(items, explanations, strict=True)
+            ]
 
         dropped_rows = np.flatnonzero(all_judged.drop_reason != KEPT)
         dropped_skus = self._model_skus[all_judged.item_idx[dropped_rows]]
@@ -394,10 +418,12 @@ class Recommender:
             if query.debug
             else ()
         )
+        # A holdout arm answers nothing; what it would have shown is kept for the record.
+        withheld = tuple(items) if holdout else ()
         result = Recommendation(
             request_id=query.request_id,
             channel=query.channel,
-            items=tuple(items),
+            items=() if withheld else tuple(items),
             unknown_skus=unknown_skus,
             degraded=tuple(dict.fromkeys(degraded)),
             versions=Versions(
@@ -408,10 +434,14 @@ class Recommender:
             candidates_considered=len(all_judged.catalog_pos),
             dropped_by_rule=dropped_by_rule,
             dropped=dropped,
+            experiment=assignment,
+            withheld=withheld,
         )
         self._log_decision(
             query, result, dropped_skus=dropped_skus_by_rule, personalized=user_row is not None
         )
+        if self._exposures is not None:
+            self._exposures.record(query, result, now=now)
         return result
 
     async def _judge(
@@ -564,8 +594,10 @@ class Recommender:
         judged: _Judged,
         kept: IntArray,
         query: RecommendationQuery,
+        assignment: Assignment | None = None,
     ) -> tuple[ScoreParts, npt.NDArray[np.float64], IntArray]:
-        compiled = serving.policy
+        """Score and order the kept candidates under the experiment arm's knobs, if any."""
+        compiled = arm_policy(serving.policy, assignment)
         catalog_pos = judged.catalog_pos[kept]
         columns = judged.node_column[kept]
         rows = np.arange(len(kept))
@@ -683,6 +715,9 @@ class Recommender:
             ],
             unknown_skus=len(result.unknown_skus),
             degraded=list(result.degraded),
+            experiment=result.experiment.experiment if result.experiment else None,
+            arm=result.experiment.arm if result.experiment else None,
+            withheld=[item.sku for item in result.withheld],
             model_version=result.versions.model,
             snapshot_version=result.versions.snapshot,
             policy_version=result.versions.policy,

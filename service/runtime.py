@@ -23,6 +23,7 @@ from rules.errors import NotReadyError
 from rules.policy import CHANNELS, Policy, load_policy
 from service.explain.cache import AnyRedis
 from service.explain.explainer import ManagedExplainer, build_explainer, channel_budget_seconds
+from service.exposures import ExposureRecorder, open_exposure_sink, pseudonymizer_for
 from service.mirror import SnapshotMirror
 from service.pipeline import Recommender
 from service.settings import Settings
@@ -43,6 +44,7 @@ class Runtime:
     recommender: Recommender | None
     not_ready_reason: str | None
     explainer: ManagedExplainer
+    exposures: ExposureRecorder | None = None  # what every response showed, for the ROI report
     _stats_logger: asyncio.Task[None] | None = field(default=None, repr=False)
 
     @classmethod
@@ -83,6 +85,12 @@ class Runtime:
         explainer = await start_explainer(
             settings, store, anthropic_client=anthropic_client, catalog_names=mirrored_names(mirror)
         )
+        exposures = ExposureRecorder(
+            open_exposure_sink(settings),
+            pseudonymizer_for(settings),
+            capacity=settings.exposures_buffer,
+        )
+        exposures.start()
         recommender = Recommender(
             mirror=mirror,
             store=store,
@@ -92,6 +100,7 @@ class Runtime:
             channel_budgets={
                 channel: channel_budget_seconds(settings, channel) for channel in CHANNELS
             },
+            exposures=exposures,
         )
         log.info(
             "service_started",
@@ -100,7 +109,9 @@ class Runtime:
             policy_version=policy.content_hash,
             snapshot_version=mirror.loaded.meta.version if mirror.loaded else None,
         )
-        runtime = cls(settings, store, policy, artifacts, mirror, recommender, None, explainer)
+        runtime = cls(
+            settings, store, policy, artifacts, mirror, recommender, None, explainer, exposures
+        )
         runtime._start_stats_logger()
         return runtime
 
@@ -141,7 +152,8 @@ class Runtime:
         return checks
 
     async def close(self) -> None:
-        """Stop the explainer (its cache writes go to the store's Redis), then the store."""
+        """Stop the explainer (its cache writes go to the store's Redis), flush the exposures,
+        then close the store."""
         if self._stats_logger is not None:
             self._stats_logger.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -150,6 +162,8 @@ class Runtime:
             await self.explainer.aclose()
         finally:
             log.info("explanation_stats", final=True, **self.explainer.stats())
+            if self.exposures is not None:
+                await self.exposures.close()
             await self.store.close()
 
     def _start_stats_logger(self) -> None:

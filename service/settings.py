@@ -52,6 +52,24 @@ class Settings(BaseSettings):
         description="Bearer token for /v1/admin/* (policy reload); unset = admin endpoints off.",
     )
 
+    # Experiments and the ROI report (service/exposures.py, service/outcomes.py, service/roi).
+    customer_hash_key: SecretStr | None = Field(
+        default=None,
+        description="Key of the hash replacing customer and session ids in exposures and "
+        "orders; unset = a random key kept in UPSELL_STATE_DIR (one host only).",
+    )
+    exposures_max_len: int = Field(
+        default=1_000_000,
+        ge=1000,
+        description="Exposures the Redis stream keeps (approximately); export before older "
+        "ones are trimmed.",
+    )
+    exposures_buffer: int = Field(
+        default=10_000,
+        ge=1,
+        description="Exposures waiting to be written, at most (more are dropped and counted).",
+    )
+
     # Explanations (service/explain): LLM text when it fits the channel's budget, else templates.
     anthropic_api_key: SecretStr | None = Field(
         default=None, description="Anthropic API key; unset = template explanations only."

@@ -31,6 +31,7 @@ __all__ = [
     "check_snapshot_references",
     "find_table_file",
     "merge_duplicate_order_lines",
+    "read_file",
     "read_orders",
     "read_snapshot_dir",
     "read_table",
@@ -75,6 +76,12 @@ def read_table(path: Path, spec: TableSpec) -> pl.DataFrame:
     Raises ``ContractError`` naming file, first offending row and column on any violation.
     """
     return validate_table(_read_file(path), spec, file=path.name)
+
+
+def read_file(path: Path) -> pl.DataFrame:
+    """A CSV (every column as text) or Parquet file as it is, for ``validate_table`` against
+    a spec of the caller's (ContractError naming the file if it cannot be read)."""
+    return _read_file(path)
 
 
 def read_orders(path: Path) -> pl.DataFrame:

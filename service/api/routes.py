@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from service.api.auth import BearerDep, check_admin
 from service.api.schemas import (
     DroppedOut,
+    ExperimentOut,
     HealthResponse,
     ItemTraceOut,
     Problem,
@@ -80,6 +81,7 @@ async def recommend(
         pdp_sku=body.sku,
         customer_id=body.customer_id,
         consent=body.consent,
+        session_id=body.session_id,
         store_id=body.store_id,
         region=body.region,
         limit=body.limit,
@@ -132,6 +134,11 @@ def to_response(result: Recommendation, *, debug: bool) -> RecommendationRespons
             model=result.versions.model,
             snapshot=result.versions.snapshot,
             policy=result.versions.policy,
+        ),
+        experiment=(
+            ExperimentOut(name=result.experiment.experiment, arm=result.experiment.arm)
+            if result.experiment is not None
+            else None
         ),
         trace=trace,
     )

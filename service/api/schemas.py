@@ -45,6 +45,12 @@ class RecommendationRequest(BaseModel):
         description="Known customer; used for personalization only with consent.",
     )
     consent: bool = Field(default=False, description="Customer consented to personalization.")
+    session_id: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=128,
+        description="Session (device, visit) id: keeps a guest in one experiment arm.",
+    )
     store_id: str | None = Field(
         default=None, min_length=1, max_length=64, description="Store (required for pos)."
     )
@@ -129,6 +135,11 @@ class VersionsOut(BaseModel):
     policy: str
 
 
+class ExperimentOut(BaseModel):
+    name: str = Field(description="The experiment (policy experiments.running).")
+    arm: str = Field(description="The arm this customer (or session) is in.")
+
+
 class RecommendationResponse(BaseModel):
     request_id: str
     channel: str
@@ -136,6 +147,9 @@ class RecommendationResponse(BaseModel):
     unknown_skus: list[str] = Field(description="Requested SKUs the item master does not know.")
     degraded: list[str] = Field(description="Why this answer is narrower than usual, if it is.")
     versions: VersionsOut
+    experiment: ExperimentOut | None = Field(
+        default=None, description="The experiment arm that shaped this answer; null: none."
+    )
     trace: TraceOut | None = Field(default=None, description="Only with debug=true.")
 
 

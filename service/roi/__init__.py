@@ -1,0 +1,1 @@
+"""The ROI report of holdout experiments, and the pre-launch simulation."""
