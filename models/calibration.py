@@ -1,9 +1,13 @@
 """Acceptance calibration: from a candidate's relevance score to p(accept), per kind.
 
-Fitted on held-out co-purchases: a model trained on the older orders proposes candidates for
-one item of each newer basket, and a candidate counts as accepted when the basket also holds
-it. Isotonic regression (scikit-learn) maps score to the observed acceptance rate; only its
-breakpoints are kept, as plain arrays in JSON (no pickle), and applied with ``np.interp``.
+Fitted on held-out baskets the way the service meets them: a model trained on the older
+orders, and the generator the service runs (the same ``HybridWeights``, since the weights set
+the scale of the scores), answer each newer basket with one item left out, and a candidate
+counts as accepted when it is that item. The request carries the rest of the basket, the
+customer and the basket's time and region, as a served request does, so the relevance seen
+here is the relevance the ranking sees. Isotonic regression (scikit-learn) maps score to the
+observed acceptance rate; only its breakpoints are kept, as plain arrays in JSON (no pickle),
+and applied with ``np.interp``.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,13 +23,16 @@ import numpy.typing as npt
 import polars as pl
 from sklearn.isotonic import IsotonicRegression
 
-from models.candidates import HybridGenerator, user_row_for
-from models.interfaces import Kind
+from models.candidates import user_row_for
+from models.generators import HybridWeights, ItemFacts, build_generator
+from models.interfaces import GenerationContext, Kind
+from models.tables import order_regions_from_nodes
 from models.training import train
 from rules.errors import InputError
 
 CALIBRATION_FILE = "calibration.json"
 _MIN_POSITIVES = 20  # below this a kind borrows the pooled curve
+_PRIOR_WEIGHT = 20.0  # pseudo-observations at the base rate added to each isotonic block
 
 
 @dataclass(frozen=True)
@@ -43,6 +50,9 @@ class AcceptanceCalibration:
     by_kind: dict[int, Curve]
     holdout_baskets: int
     base_rate: float  # share of proposed candidates that were bought
+    # The generator weights the curves were fitted for (``HybridWeights`` fields); other
+    # weights put scores on another scale. Empty when read from a file that predates them.
+    weights: dict[str, float] = field(default_factory=dict)
 
     def predict(
         self, score: npt.NDArray[np.float64], kind: npt.NDArray[np.int8]
@@ -59,19 +69,40 @@ class AcceptanceCalibration:
 def fit_acceptance(
     order_lines: pl.DataFrame,
     *,
+    weights: HybridWeights | None = None,
+    items: pl.DataFrame | None = None,
+    nodes: pl.DataFrame | None = None,
     holdout_share: float = 0.2,
     max_baskets: int = 5000,
-    candidates_per_basket: int = 50,
+    candidates_per_basket: int = 300,
     seed: int = 42,
     factors: int = 64,
     iterations: int = 15,
 ) -> AcceptanceCalibration:
-    """Fit p(accept) on the newest ``holdout_share`` of orders (a temporal split)."""
+    """Fit p(accept) on the newest ``holdout_share`` of orders (a temporal split).
+
+    ``weights`` are the served generator's (default: ``HybridWeights()``, the service's
+    default hybrid); ``items`` (the ITEMS table) is needed when they use upgrades or
+    segment popularity, and ``nodes`` gives orders a region (regional popularity), as in
+    ``models.training.train``. ``candidates_per_basket`` matches the policy's candidate pool,
+    so that the curves cover the scores the ranking sees.
+    """
     if not 0 < holdout_share < 1:
         raise InputError(f"holdout_share: must be between 0 and 1, got {holdout_share}")
+    if candidates_per_basket < 1:
+        raise InputError(f"candidates_per_basket: must be at least 1, got {candidates_per_basket}")
+    weights = weights or HybridWeights()
+    if items is None and (weights.upgrade or weights.segment_popular):
+        raise InputError("calibration: upgrade and segment popularity weights need the items")
+    optional = [name for name in ("store_id",) if name in order_lines.columns]
     orders = (
         order_lines.group_by("order_id")
-        .agg(pl.col("ordered_at").min(), pl.col("sku").unique(), pl.col("customer_id").first())
+        .agg(
+            pl.col("ordered_at").min(),
+            pl.col("sku").unique().sort(),
+            pl.col("customer_id").first(),
+            *(pl.col(name).first() for name in optional),
+        )
         .sort("ordered_at", "order_id")
     )
     cut = int(orders.height * (1 - holdout_share))
@@ -80,40 +111,52 @@ def fit_acceptance(
     if holdout.is_empty():
         raise InputError("orders: no held-out basket with two or more items to calibrate on")
     if holdout.height > max_baskets:
-        holdout = holdout.sample(max_baskets, seed=seed)
+        holdout = holdout.sample(max_baskets, seed=seed).sort("ordered_at", "order_id")
     model = train(
         order_lines.filter(pl.col("order_id").is_in(past_ids.implode())),
         factors=factors,
         iterations=iterations,
         seed=seed,
+        nodes=nodes,
     )
-    generator = HybridGenerator.from_artifacts(model)
+    facts = ItemFacts.from_items(model.item_skus, items) if items is not None else None
+    generator = build_generator(model, weights, facts=facts)
     row_of = {sku: row for row, sku in enumerate(model.item_skus)}
+    regions: list[str | None] = (
+        order_regions_from_nodes(order_lines, nodes, holdout.get_column("order_id").to_list())
+        if nodes is not None and "store_id" in order_lines.columns
+        else [None] * holdout.height
+    )
     rng = np.random.default_rng(seed)
 
     scores: list[npt.NDArray[np.float32]] = []
     kinds: list[npt.NDArray[np.int8]] = []
     labels: list[npt.NDArray[np.bool_]] = []
-    for skus, customer in zip(
+    for skus, customer, placed_at, region in zip(
         holdout.get_column("sku").to_list(),
         holdout.get_column("customer_id").to_list(),
+        holdout.get_column("ordered_at").to_list(),
+        regions,
         strict=True,
     ):
         rows = np.array([row_of[sku] for sku in skus if sku in row_of], dtype=np.int32)
         if len(rows) < 2:
             continue
-        anchor = rows[rng.integers(len(rows))]
+        left_out = rows[rng.integers(len(rows))]
         proposed = generator.generate(
-            anchors=np.array([anchor], dtype=np.int32),
+            anchors=rows[rows != left_out],
             user_row=user_row_for(model, customer),
             count=candidates_per_basket,
+            context=GenerationContext(now=placed_at, region=region),
         )
         scores.append(proposed.score)
         kinds.append(proposed.kind)
-        labels.append(np.isin(proposed.item_idx, rows[rows != anchor]))
+        labels.append(proposed.item_idx == left_out)
     if not scores:
         raise InputError("orders: no held-out basket has two items the model knows")
     score = np.concatenate(scores).astype(np.float64)
+    if score.size == 0:
+        raise InputError(f"calibration: weights {weights} proposed nothing for any held-out basket")
     kind = np.concatenate(kinds)
     label = np.concatenate(labels).astype(np.float64)
     by_kind = {
@@ -126,12 +169,23 @@ def fit_acceptance(
         by_kind=by_kind,
         holdout_baskets=len(scores),
         base_rate=float(label.mean()),
+        weights={name: value for name, value in weights.as_dict().items() if value},
     )
 
 
 def _fit_curve(score: npt.NDArray[np.float64], label: npt.NDArray[np.float64]) -> Curve:
+    """Isotonic fit whose blocks are shrunk toward the overall rate, then made monotone again.
+
+    A bare isotonic fit ends in a block of the few highest scores, often all accepted: p = 1,
+    which would rank any such candidate as a sure sale. Each block's rate becomes
+    (accepted + m * base rate) / (size + m), m = ``_PRIOR_WEIGHT`` pseudo-observations.
+    """
     isotonic = IsotonicRegression(y_min=0.0, y_max=1.0, increasing=True, out_of_bounds="clip")
-    isotonic.fit(score, label)
+    fitted = isotonic.fit_transform(score, label)
+    block_rate, block_of, block_size = np.unique(fitted, return_inverse=True, return_counts=True)
+    accepted = np.bincount(block_of, weights=label, minlength=block_rate.size)
+    shrunk = (accepted + _PRIOR_WEIGHT * label.mean()) / (block_size + _PRIOR_WEIGHT)
+    isotonic.fit(score, shrunk[block_of])
     return Curve(
         score=np.asarray(isotonic.X_thresholds_, dtype=np.float64),
         p_accept=np.asarray(isotonic.y_thresholds_, dtype=np.float64),
@@ -144,6 +198,7 @@ def save_calibration(calibration: AcceptanceCalibration, directory: Path) -> Pat
         "format": 1,
         "holdout_baskets": calibration.holdout_baskets,
         "base_rate": calibration.base_rate,
+        "weights": calibration.weights,
         "pooled": _curve_json(calibration.pooled),
         "by_kind": {Kind(k).wire: _curve_json(c) for k, c in calibration.by_kind.items()},
     }
@@ -169,8 +224,11 @@ def load_calibration(directory: Path) -> AcceptanceCalibration | None:
             },
             holdout_baskets=int(document["holdout_baskets"]),
             base_rate=float(document["base_rate"]),
+            weights={
+                str(name): float(value) for name, value in document.get("weights", {}).items()
+            },
         )
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise InputError(f"{path}: not a valid calibration file: {exc}") from exc
 
 

@@ -1,4 +1,5 @@
-"""The ``upsell`` command line: import, train, snapshot, policy, explain, serve, demo.
+"""The ``upsell`` command line: import, train, snapshot, inventory, policy, evaluate, explain,
+events, roi, simulate, serve, demo.
 
 Every verb has ``--help``. Errors the user can fix exit with status 2 and one line that names
 the file, row and column (or field) at fault; other failures exit with status 1.
@@ -14,13 +15,20 @@ import time
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rules.errors import InputError, UpsellError
 from rules.policy import CHANNELS
 from service.cli_roi import add_roi_parsers
+from service.evaluate_cli import add_evaluate_parser
 from service.explain.base import WARM_KINDS
 from service.settings import Settings, load_settings
 from service.store.cli_inventory import add_inventory_parser
+
+if TYPE_CHECKING:
+    import polars as pl
+
+    from models.data.schema import TableSpec
 
 SAMPLE_DATASET = "online-retail-sample"
 
@@ -56,19 +64,24 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> None:
     from models.artifacts import save_artifacts
     from models.calibration import fit_acceptance, save_calibration
     from models.data.contract import find_table_file, read_orders
-    from models.data.schema import ORDER_LINES
+    from models.data.schema import ITEMS, NODES, ORDER_LINES
     from models.training import train
 
     source = Path(args.orders)
     orders_path = find_table_file(source, ORDER_LINES) if source.is_dir() else source
     started = time.perf_counter()
     order_lines = read_orders(orders_path)
+    # An imported directory also holds the nodes (an order's store gives its region, for
+    # regional popularity) and the items (the calibration's upgrade and category generators).
+    nodes = _optional_table(source, NODES)
+    items = _optional_table(source, ITEMS)
     artifacts = train(
         order_lines,
         factors=args.factors,
         iterations=args.iterations,
         neighbours=args.neighbours,
         seed=args.seed,
+        nodes=nodes,
     )
     out_dir: Path = args.out or settings.artifacts_dir
     path = save_artifacts(artifacts, out_dir)
@@ -81,13 +94,28 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> None:
         return
     started = time.perf_counter()
     calibration = fit_acceptance(
-        order_lines, factors=args.factors, iterations=args.iterations, seed=args.seed
+        order_lines,
+        items=items,
+        nodes=nodes,
+        factors=args.factors,
+        iterations=args.iterations,
+        seed=args.seed,
     )
     save_calibration(calibration, path)
     _print(
         f"calibrated p(accept) on {calibration.holdout_baskets} held-out baskets "
-        f"(base rate {calibration.base_rate:.3f}) in {time.perf_counter() - started:.1f}s"
+        f"(base rate {calibration.base_rate:.4f}) in {time.perf_counter() - started:.1f}s"
     )
+
+
+def _optional_table(source: Path, spec: TableSpec) -> pl.DataFrame | None:
+    """``spec``'s table when ``source`` is a directory holding it, else None."""
+    from models.data.contract import SUPPORTED_SUFFIXES, find_table_file, read_table
+
+    present = (source / f"{spec.name}{suffix}" for suffix in SUPPORTED_SUFFIXES)
+    if not source.is_dir() or not any(path.is_file() for path in present):
+        return None
+    return read_table(find_table_file(source, spec), spec)
 
 
 def cmd_snapshot(args: argparse.Namespace, settings: Settings) -> None:
@@ -319,6 +347,7 @@ def build_parser(settings: Settings) -> argparse.ArgumentParser:
     )
     rld.add_argument("--url", help="service base URL (default http://UPSELL_HOST:UPSELL_PORT)")
     pol.set_defaults(handler=cmd_policy)
+    add_evaluate_parser(verbs, settings)
 
     exp = verbs.add_parser("explain", help="LLM explanations", description="LLM explanation tools.")
     exp_actions = exp.add_subparsers(dest="action", required=True, metavar="ACTION")

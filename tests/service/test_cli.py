@@ -245,3 +245,30 @@ def test_snapshot_list_and_rollback_through_the_cli(
     status, out, _ = cli(capsys, "snapshot", "list")
     assert status == 0
     assert [row[:18] for row in out.splitlines()] == [f"  {second}", f"* {first}"]
+
+
+def test_train_on_an_imported_directory_learns_regional_popularity(
+    tmp_path: Path, demo_data: DemoData
+) -> None:
+    """`upsell train --orders DIR` on an imported directory reads its nodes too: the model has
+    popularity by region (an order's region is its store's), and a calibration."""
+    from models.artifacts import load_artifacts
+    from models.calibration import load_calibration
+
+    # The sample's web orders have no store: sell them in the UK and EU stores instead.
+    data = tmp_path / "contract"
+    shutil.copytree(demo_data.contract_dir, data)
+    orders = pl.read_parquet(data / "orders.parquet")
+    in_store = pl.when(pl.col("order_id").str.contains("[02468]$")).then(pl.lit("S-UK"))
+    orders.with_columns(store_id=in_store.otherwise(pl.lit("S-EU"))).write_parquet(
+        data / "orders.parquet"
+    )
+    out = tmp_path / "model"
+
+    result = upsell(tmp_path, "train", "--orders", str(data), "--out", str(out))
+
+    assert result.returncode == 0, result.stderr
+    artifacts = load_artifacts(out)
+    assert artifacts.region_popularity is not None
+    assert artifacts.region_popularity.regions == ("EU", "UK")
+    assert load_calibration(out / artifacts.version) is not None
