@@ -3,6 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh --dev
+./scripts/system-deps.sh chromium
 export OPENBLAS_NUM_THREADS="${OPENBLAS_NUM_THREADS:-1}"
 bin=.venv/bin
 
