@@ -121,9 +121,10 @@ def _not_configured(mode: str, scope: str) -> str:
             "keys file (`upsell keys new`; UPSELL_ADMIN_TOKEN serves admin calls), or "
             "UPSELL_AUTH=off for a local demo"
         )
+    holders = "admin" if scope == ADMIN else f"{scope!r} or admin"
     return (
         f"no credential with the {scope!r} scope is configured: set UPSELL_API_KEYS_FILE "
-        f"(a key with scope {scope!r} or admin) or UPSELL_ADMIN_TOKEN"
+        f"(a key with scope {holders}) or UPSELL_ADMIN_TOKEN"
     )
 
 
@@ -169,18 +170,20 @@ def identify(
 CallerDep = Annotated[Caller, Depends(identify)]
 
 
-async def authorize(request: Request, caller: Caller, scope: str) -> None:
-    """Raise unless ``caller`` holds ``scope`` and has a token left in its bucket."""
+async def authorize(request: Request, caller: Caller, scope: str, *, what: str = "") -> None:
+    """Raise unless ``caller`` holds ``scope`` and has a token left in its bucket; ``what``
+    (e.g. "debug traces are admin-only") starts the refusal's message."""
     guard = _guard(request)
+    lead = f"{what}: " if what else ""
     if caller.key is None:
         if guard.mode == "off" and scope in CHANNELS:
             return
         if not guard.has_credentials:
-            raise guard.refuse(403, "not_configured", _not_configured(guard.mode, scope))
+            raise guard.refuse(403, "not_configured", lead + _not_configured(guard.mode, scope))
         raise guard.refuse(
             401,
             "missing",
-            f"this call needs an API key with the {scope!r} scope: send "
+            f"{lead}this call needs an API key with the {scope!r} scope: send "
             "`Authorization: Bearer <key>` or `X-API-Key: <key>`",
             headers={"WWW-Authenticate": "Bearer"},
         )
@@ -189,7 +192,7 @@ async def authorize(request: Request, caller: Caller, scope: str) -> None:
         raise guard.refuse(
             403,
             "forbidden",
-            f"key {caller.name!r} lacks the {scope!r} scope (it holds: {held})",
+            f"{lead}key {caller.name!r} lacks the {scope!r} scope (it holds: {held})",
         )
     limit = caller.key.rate_limit or guard.default_limit
     decision = await guard.limiter.take(caller.name, limit)

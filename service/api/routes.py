@@ -86,7 +86,10 @@ async def recommend(
         channel=body.channel,
         customer=runtime.pseudonymize(body.customer_id) if body.customer_id else None,
     )
-    await authorize(request, caller, ADMIN if body.debug else body.channel)
+    if body.debug:
+        await authorize(request, caller, ADMIN, what="debug traces are admin-only")
+    else:
+        await authorize(request, caller, body.channel)
     deadline = arrived_at(request) + channel_budget_seconds(runtime.settings, body.channel)
     query = RecommendationQuery(
         request_id=current_request_id() or "",
@@ -120,7 +123,9 @@ def refresh_gauges(runtime: Runtime, metrics: Metrics) -> None:
     serving = runtime.mirror.loaded if runtime.mirror is not None else None
     if serving is None or runtime.artifacts is None:
         return
-    age = (datetime.now(UTC) - serving.meta.as_of).total_seconds()
+    as_of = serving.meta.as_of
+    as_of = as_of if as_of.tzinfo is not None else as_of.replace(tzinfo=UTC)  # naive = UTC
+    age = (datetime.now(UTC) - as_of).total_seconds()
     metrics.snapshot_age.set(max(0.0, age))
     metrics.show_versions(
         runtime.artifacts.version, serving.meta.version, runtime.policy.content_hash
