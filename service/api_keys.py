@@ -128,6 +128,8 @@ def _entry(entry: object, *, where: str) -> ApiKey:
         raise InputError(f"{where}.name: 1-64 of A-Z a-z 0-9 . _ - required, got {name!r}")
     where = f"{where} ({name})"
     digest = entry.get("sha256")
+    if isinstance(digest, int | float):
+        raise InputError(f"{where}.sha256: quote the hex digits (YAML read them as a number)")
     if not isinstance(digest, str) or not _HEX_SHA256.match(digest.lower()):
         raise InputError(f"{where}.sha256: 64 hex digits (sha256 of the key) required")
     scopes = entry.get("scopes")
