@@ -258,8 +258,6 @@ def _serve_workers(settings: Settings, workers: int) -> None:
     with tempfile.TemporaryDirectory(prefix="upsell-metrics-") as scratch:
         if not os.environ.get(MULTIPROC_ENV):
             os.environ[MULTIPROC_ENV] = scratch  # read by prometheus_client in each worker
-        # The workers read UPSELL_* themselves: hand them the host and port given here.
-        os.environ["UPSELL_HOST"], os.environ["UPSELL_PORT"] = settings.host, str(settings.port)
         uvicorn.run(
             "service.app:app_from_environment",
             factory=True,
