@@ -7,20 +7,31 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import anthropic
+import structlog
 from fastapi import FastAPI
 
 from service.api.admin import router as inventory_router
 from service.api.admin_explanations import router as admin_explanations_router
 from service.api.admin_policy import router as admin_policy_router
+from service.api.auth import Guard
 from service.api.errors import install_error_handlers
 from service.api.events import router as events_router
+from service.api.limits import BodyLimitMiddleware
+from service.api.metrics_route import router as metrics_router
+from service.api.observe import ObserveMiddleware
 from service.api.routes import router
 from service.api.timing import ArrivalMiddleware
+from service.api_keys import load_key_ring
 from service.logging import configure_logging
+from service.metrics import Metrics, multiprocess_dir
+from service.rate_limit import RateLimiter
 from service.request_id import RequestIdMiddleware
-from service.runtime import Runtime
-from service.settings import Settings
+from service.runtime import Runtime, explanation_redis_client
+from service.settings import Settings, load_settings
 from service.store.base import SnapshotStore
+from service.store.redis_store import RedisSnapshotStore
+
+log = structlog.get_logger(__name__)
 
 
 def create_app(
@@ -32,11 +43,23 @@ def create_app(
     """An app whose lifespan opens the store (or uses ``store``), model, policy and explainer
     (whose LLM client is ``anthropic_client`` if given, else built from the settings)."""
     configure_logging(level=settings.log_level, json=settings.log_json)
+    keys = load_key_ring(settings.api_keys_file)  # a bad keys file stops start-up here
+    metrics = Metrics()
+    guard = Guard(settings, keys, metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         runtime = await Runtime.start(settings, store=store, anthropic_client=anthropic_client)
         app.state.runtime = runtime
+        if isinstance(runtime.store, RedisSnapshotStore):
+            runtime.store.observe = metrics.observe_redis
+        guard.limiter = RateLimiter(
+            redis=explanation_redis_client(runtime.store),
+            prefix=settings.redis_prefix,
+            observe=metrics.observe_redis,
+            on_fallback=metrics.rate_limit_fallbacks.inc,
+        )
+        log_auth(guard)
         # What start-up allocated (model, catalog, indexes) lives as long as the process: out
         # of the collector's reach, a full collection stays short enough not to eat a
         # channel's budget (one took up to 130 ms without this, benchmarks/README.md).
@@ -54,12 +77,55 @@ def create_app(
         summary="Margin-aware upsell and cross-sell recommendations under retail constraints.",
         lifespan=lifespan,
     )
+    app.state.guard = guard
+    app.state.metrics = metrics
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(metrics_router)
     app.include_router(admin_policy_router)
     app.include_router(inventory_router)
     app.include_router(admin_explanations_router)
     app.include_router(events_router)
+    # Outermost last: arrival stamp, request id (bound before anything logs), metrics and
+    # the request log line, then the body limit just outside the routes.
+    app.add_middleware(
+        BodyLimitMiddleware,
+        limit=settings.max_body_bytes,
+        batch_limit=settings.max_batch_body_bytes,
+    )
+    app.add_middleware(ObserveMiddleware, metrics=metrics, log_requests=settings.log_requests)
     app.add_middleware(RequestIdMiddleware)
     app.add_middleware(ArrivalMiddleware)  # added last: outermost, so it stamps arrival first
     return app
+
+
+def app_from_environment() -> FastAPI:
+    """The app the environment configures: the factory each ``upsell serve`` worker calls."""
+    return create_app(load_settings())
+
+
+def log_auth(guard: Guard) -> None:
+    """Say once, at start, how callers are checked, loudly when that refuses or opens all."""
+    described = guard.describe() | {"metrics_multiprocess_dir": multiprocess_dir()}
+    if guard.mode == "off":
+        log.warning(
+            "auth_off",
+            effect="UPSELL_AUTH=off: recommendations are open to anyone, unlimited (a local "
+            "demo only); admin and events calls still need a key",
+            **described,
+        )
+    elif not guard.has_credentials:
+        log.warning(
+            "auth_no_keys",
+            effect="UPSELL_AUTH=keys without keys: every protected call is refused; set "
+            "UPSELL_API_KEYS_FILE (`upsell keys new` makes a key)",
+            **described,
+        )
+    elif not guard.keys:
+        log.warning(
+            "auth_no_keys_file",
+            effect="only UPSELL_ADMIN_TOKEN is accepted; set UPSELL_API_KEYS_FILE for callers",
+            **described,
+        )
+    else:
+        log.info("auth_configured", **described)

@@ -1,5 +1,5 @@
 """The ``upsell`` command line: import, train, snapshot, inventory, policy, evaluate, explain,
-events, roi, simulate, serve, demo.
+events, roi, simulate, keys, serve, demo.
 
 Every verb has ``--help``. Errors the user can fix exit with status 2 and one line that names
 the file, row and column (or field) at fault; other failures exit with status 1.
@@ -227,6 +227,10 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
     settings = settings.model_copy(
         update={"host": args.host or settings.host, "port": args.port or settings.port}
     )
+    workers = getattr(args, "workers", 1)
+    if workers > 1:
+        _serve_workers(settings, workers)
+        return
     uvicorn.run(
         create_app(settings),
         host=settings.host,
@@ -234,6 +238,35 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
         log_level=settings.log_level,
         access_log=False,
     )
+
+
+def _serve_workers(settings: Settings, workers: int) -> None:
+    """Several worker processes on one socket, each building the app from the environment.
+
+    Workers memory-map the same model artifacts (the page cache holds one copy); their
+    metrics meet in PROMETHEUS_MULTIPROC_DIR, a fresh directory unless one is given.
+    """
+    import os
+    import tempfile
+
+    import uvicorn
+
+    from service.api_keys import load_key_ring
+    from service.metrics import MULTIPROC_ENV
+
+    load_key_ring(settings.api_keys_file)  # a bad keys file fails here, once, not per worker
+    with tempfile.TemporaryDirectory(prefix="upsell-metrics-") as scratch:
+        if not os.environ.get(MULTIPROC_ENV):
+            os.environ[MULTIPROC_ENV] = scratch  # read by prometheus_client in each worker
+        uvicorn.run(
+            "service.app:app_from_environment",
+            factory=True,
+            workers=workers,
+            host=settings.host,
+            port=settings.port,
+            log_level=settings.log_level,
+            access_log=False,
+        )
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> None:
@@ -248,7 +281,23 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> None:
     if args.no_serve:
         return
     _print(f"serving the demo on http://{args.host or settings.host}:{args.port or settings.port}")
-    cmd_serve(args, settings)
+    _print("the demo runs with UPSELL_AUTH=off: recommendations need no API key")
+    args.workers = 1
+    cmd_serve(args, settings.model_copy(update={"auth": "off"}))
+
+
+def cmd_keys(args: argparse.Namespace, settings: Settings) -> None:
+    from service.api_keys import new_key
+
+    scopes = [scope.strip() for scope in args.scopes.split(",") if scope.strip()]
+    raw, entry = new_key(name=args.name, scopes=scopes)
+    print(
+        f"upsell: the new key for {args.name!r} is printed once, on stdout; keep it secret. "
+        "Add the entry below to UPSELL_API_KEYS_FILE (it holds the key's hash only):",
+        file=sys.stderr,
+    )
+    print(entry.removeprefix("keys:\n").rstrip(), file=sys.stderr)
+    print(raw, flush=True)
 
 
 # --- parser ------------------------------------------------------------------------------
@@ -398,7 +447,33 @@ def build_parser(settings: Settings) -> argparse.ArgumentParser:
         verb.add_argument("--port", type=int, help=f"port (default {settings.port})")
         if name == "demo":
             verb.add_argument("--no-serve", action="store_true", help="stop before serving")
+        else:
+            verb.add_argument(
+                "--workers",
+                type=_positive,
+                default=1,
+                help="worker processes sharing the socket and the memory-mapped model "
+                "(default 1; see docs/operations.md)",
+            )
         verb.set_defaults(handler=handler)
+
+    keys = verbs.add_parser(
+        "keys", help="API keys", description="API keys for UPSELL_API_KEYS_FILE."
+    )
+    keys_actions = keys.add_subparsers(dest="action", required=True, metavar="ACTION")
+    new = keys_actions.add_parser(
+        "new",
+        help="make a key: the key on stdout (once), its keys-file entry on stderr",
+        description="Print a fresh random key once on stdout, and on stderr the YAML entry "
+        "(its sha256, never the key) to add to UPSELL_API_KEYS_FILE.",
+    )
+    new.add_argument("--name", required=True, help="the caller's name, shown in logs and metrics")
+    new.add_argument(
+        "--scopes",
+        required=True,
+        help="comma-separated: cart, pdp, pos, contact_center, events, admin",
+    )
+    keys.set_defaults(handler=cmd_keys)
     return parser
 
 

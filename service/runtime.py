@@ -23,7 +23,12 @@ from rules.errors import NotReadyError
 from rules.policy import CHANNELS, Policy, load_policy
 from service.explain.cache import AnyRedis
 from service.explain.explainer import ManagedExplainer, build_explainer, channel_budget_seconds
-from service.exposures import ExposureRecorder, open_exposure_sink, pseudonymizer_for
+from service.exposures import (
+    ExposureRecorder,
+    Pseudonymizer,
+    open_exposure_sink,
+    pseudonymizer_for,
+)
 from service.mirror import SnapshotMirror
 from service.pipeline import Recommender
 from service.settings import Settings
@@ -46,6 +51,7 @@ class Runtime:
     explainer: ManagedExplainer
     exposures: ExposureRecorder | None = None  # what every response showed, for the ROI report
     _stats_logger: asyncio.Task[None] | None = field(default=None, repr=False)
+    _pseudonymizer: Pseudonymizer | None = field(default=None, repr=False)
 
     @classmethod
     async def start(
@@ -131,6 +137,12 @@ class Runtime:
             policy_name=policy.name,
         )
         return policy
+
+    def pseudonymize(self, value: str) -> str:
+        """The keyed hash of a customer or session id (the one exposures carry), for logs."""
+        if self._pseudonymizer is None:
+            self._pseudonymizer = pseudonymizer_for(self.settings)
+        return self._pseudonymizer(value)
 
     def require_recommender(self) -> Recommender:
         if self.recommender is None:

@@ -49,7 +49,40 @@ class Settings(BaseSettings):
     log_json: bool = Field(default=True, description="JSON logs (false: console rendering).")
     admin_token: SecretStr | None = Field(
         default=None,
-        description="Bearer token for /v1/admin/* (policy reload); unset = admin endpoints off.",
+        description="A credential with the admin scope (all scopes), besides the keys file; "
+        "unset = none.",
+    )
+
+    # Callers: API keys, rate limits and input limits (docs/operations.md).
+    auth: Literal["keys", "off"] = Field(
+        default="keys",
+        description="keys: every call but health, metrics and docs needs an API key; off: "
+        "channel calls are open (the local demo), admin and events still need a key.",
+    )
+    api_keys_file: Path | None = Field(
+        default=None,
+        description="YAML file of API keys (name, sha256, scopes, rate_limit); unset = no "
+        "keys, so with UPSELL_AUTH=keys every protected call is refused.",
+    )
+    rate_limit_per_second: float = Field(
+        default=100.0,
+        ge=0,
+        description="Requests per second a key may make unless its entry "
+        "says otherwise; 0 = unlimited.",
+    )
+    rate_limit_burst: int = Field(
+        default=200, ge=1, description="Requests a key may make at once (bucket size)."
+    )
+    max_body_bytes: int = Field(
+        default=65536, ge=1024, description="Largest request body accepted (413 above)."
+    )
+    max_batch_body_bytes: int = Field(
+        default=8388608,
+        ge=1024,
+        description="Largest body of a batch endpoint (/v1/admin/*, /v1/events/*).",
+    )
+    log_requests: bool = Field(
+        default=True, description="One `request` log line per HTTP request (ids hashed)."
     )
 
     # Experiments and the ROI report (service/exposures.py, service/outcomes.py, service/roi).

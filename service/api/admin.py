@@ -11,8 +11,8 @@ The batch is validated whole first: a bad field, a repeated ``delta_id``, or a S
 the current snapshot does not know refuses it with 422 naming ``deltas[i].field``, and
 nothing is applied. The store being down is 503, as everywhere.
 
-Like every /v1/admin route it needs the admin bearer token (``UPSELL_ADMIN_TOKEN``; 403
-while none is configured). ``create_app`` includes the router.
+Like every /v1/admin route it needs a key with the admin scope (``service.api.auth``).
+``create_app`` includes the router.
 """
 
 from __future__ import annotations
@@ -114,8 +114,10 @@ RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
     "/inventory",
     response_model=InventoryDeltasResponse,
     responses={
-        401: {"description": "Admin token missing or wrong."},
-        403: {"description": "Admin endpoints are off (no UPSELL_ADMIN_TOKEN)."},
+        401: {"model": Problem, "description": "API key missing or unknown."},
+        403: {"model": Problem, "description": "The key lacks the admin scope."},
+        413: {"model": Problem, "description": "Body larger than UPSELL_MAX_BATCH_BODY_BYTES."},
+        429: {"model": Problem, "description": "The key's rate limit is reached."},
         422: {"model": Problem, "description": "Invalid batch; `errors` names deltas[i].field."},
         503: {"model": Problem, "description": "No snapshot published yet, or the store is down."},
     },

@@ -15,6 +15,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
 from service.api.auth import AdminDep
+from service.api.schemas import Problem
 from service.runtime import Runtime
 
 __all__ = ["ExplanationStats", "router"]
@@ -50,8 +51,9 @@ class ExplanationStats(BaseModel):
     "/explanations",
     response_model=ExplanationStats,
     responses={
-        401: {"description": "Admin token missing or wrong."},
-        403: {"description": "Admin endpoints are off (no UPSELL_ADMIN_TOKEN)."},
+        401: {"model": Problem, "description": "API key missing or unknown."},
+        403: {"model": Problem, "description": "The key lacks the admin scope."},
+        429: {"model": Problem, "description": "The key's rate limit is reached."},
     },
 )
 async def explanation_stats(request: Request, _: AdminDep) -> ExplanationStats:

@@ -22,8 +22,9 @@ class PolicyReloaded(BaseModel):
     "/policy/reload",
     response_model=PolicyReloaded,
     responses={
-        401: {"description": "Admin token missing or wrong."},
-        403: {"description": "Admin endpoints are off (no UPSELL_ADMIN_TOKEN)."},
+        401: {"model": Problem, "description": "API key missing or unknown."},
+        403: {"model": Problem, "description": "The key lacks the admin scope."},
+        429: {"model": Problem, "description": "The key's rate limit is reached."},
         422: {"model": Problem, "description": "Invalid policy file; the old one keeps serving."},
     },
 )

@@ -30,6 +30,11 @@ def _problem(status: int, title: str, detail: str, errors: list[FieldProblem]) -
     )
 
 
+def problem_response(status: int, title: str, detail: str) -> JSONResponse:
+    """A problem body for middleware answering before the routes (no field list)."""
+    return _problem(status, title, detail, [])
+
+
 def _field_name(location: tuple[Any, ...] | list[Any]) -> str:
     parts = [str(part) for part in location]
     if parts and parts[0] == "body":
@@ -80,7 +85,15 @@ async def http_problem(request: Request, exc: Exception) -> JSONResponse:
     return response
 
 
-_TITLES = {401: "Unauthorized", 403: "Forbidden", 404: "Not found", 405: "Method not allowed"}
+_TITLES = {
+    400: "Bad request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not found",
+    405: "Method not allowed",
+    413: "Content too large",
+    429: "Too many requests",
+}
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -6,8 +6,7 @@ counted (``conflict``). A bad field, a repeated id, or a return naming an unknow
 line is a 422 naming ``orders[i].lines[j].field`` or ``returns[i].field``, and nothing is
 stored. Customer and session ids are hashed before anything is stored.
 
-Needs the admin bearer token for now (per-caller keys replace it with the production
-service); 403 while none is configured.
+Needs a key with the ``events`` (or ``admin``) scope (``service.api.auth``).
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ from fastapi import APIRouter, Depends
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from rules.errors import ContractError, InputError
-from service.api.auth import AdminDep
+from service.api.auth import EventsDep
 from service.api.routes import get_runtime
 from service.api.schemas import Problem
 from service.exposures import pseudonymizer_for
@@ -160,14 +159,16 @@ def _out(report: IngestReport) -> IngestOut:
     "/orders",
     response_model=OrderEventsResponse,
     responses={
-        401: {"description": "Admin token missing or wrong."},
-        403: {"description": "Admin endpoints are off (no UPSELL_ADMIN_TOKEN)."},
+        401: {"model": Problem, "description": "API key missing or unknown."},
+        403: {"model": Problem, "description": "The key lacks the events (or admin) scope."},
+        413: {"model": Problem, "description": "Body larger than UPSELL_MAX_BATCH_BODY_BYTES."},
+        429: {"model": Problem, "description": "The key's rate limit is reached."},
         422: {"model": Problem, "description": "Invalid batch; `errors` names the field."},
         503: {"model": Problem, "description": "The outcome store is down."},
     },
 )
 async def ingest_orders(
-    body: OrderEventsRequest, runtime: RuntimeDep, _: AdminDep
+    body: OrderEventsRequest, runtime: RuntimeDep, _: EventsDep
 ) -> OrderEventsResponse:
     """Store orders and returns for the ROI report, idempotently by id."""
     flat = [

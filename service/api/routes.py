@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
-from service.api.auth import BearerDep, check_admin
+from service.api.auth import CallerDep, authorize
+from service.api.observe import note
 from service.api.schemas import (
     DroppedOut,
     ExperimentOut,
@@ -23,7 +25,9 @@ from service.api.schemas import (
     VersionsOut,
 )
 from service.api.timing import arrived_at
+from service.api_keys import ADMIN
 from service.explain.explainer import channel_budget_seconds
+from service.metrics import Metrics
 from service.pipeline import BasketLine, Recommendation, RecommendationQuery, Recommender
 from service.request_id import current_request_id
 from service.runtime import Runtime
@@ -44,9 +48,15 @@ RecommenderDep = Annotated[Recommender, Depends(get_recommender)]
 router = APIRouter()
 
 _PROBLEMS: dict[int | str, dict[str, object]] = {
-    401: {"model": Problem, "description": "debug=true with a missing or wrong admin token."},
-    403: {"model": Problem, "description": "debug=true while no admin token is configured."},
+    401: {"model": Problem, "description": "API key missing or unknown."},
+    403: {
+        "model": Problem,
+        "description": "The key lacks the channel's scope (or admin, for "
+        "debug=true), or no keys are configured; `detail` names the scope.",
+    },
+    413: {"model": Problem, "description": "Body larger than UPSELL_MAX_BODY_BYTES."},
     422: {"model": Problem, "description": "Invalid request; `errors` names each field."},
+    429: {"model": Problem, "description": "The key's rate limit is reached; see Retry-After."},
     503: {"model": Problem, "description": "No snapshot or model yet, or the store is down."},
 }
 
@@ -62,17 +72,24 @@ async def recommend(
     request: Request,
     runtime: RuntimeDep,
     recommender: RecommenderDep,
-    credentials: BearerDep,
+    caller: CallerDep,
 ) -> RecommendationResponse:
     """Upsell and cross-sell items for a basket or product page, under every constraint.
 
     Answered within the channel's server-side budget from the request's arrival, explanations
-    included (``UPSELL_DEADLINE_*_MS``). A debug trace (every dropped candidate, score parts)
-    needs the admin token: it shows margins and the rules' workings, which are the retailer's
-    business, not the shopper's.
+    included (``UPSELL_DEADLINE_*_MS``). Needs a key with the channel's scope. A debug trace
+    (every dropped candidate, score parts) needs the admin scope: it shows margins and the
+    rules' workings, which are the retailer's business, not the shopper's.
     """
+    note(
+        request,
+        channel=body.channel,
+        customer=runtime.pseudonymize(body.customer_id) if body.customer_id else None,
+    )
     if body.debug:
-        check_admin(request, credentials, what="debug traces are admin-only")
+        await authorize(request, caller, ADMIN, what="debug traces are admin-only")
+    else:
+        await authorize(request, caller, body.channel)
     deadline = arrived_at(request) + channel_budget_seconds(runtime.settings, body.channel)
     query = RecommendationQuery(
         request_id=current_request_id() or "",
@@ -90,7 +107,29 @@ async def recommend(
         debug=body.debug,
     )
     result = await recommender.recommend(query, deadline=deadline)
+    metrics: Metrics = request.app.state.metrics
+    metrics.observe_recommendation(
+        channel=result.channel,
+        candidates=result.candidates_considered,
+        dropped_by_rule=result.dropped_by_rule,
+        explanation_sources=[item.explanation_source for item in result.items],
+    )
+    refresh_gauges(runtime, metrics)
     return to_response(result, debug=body.debug)
+
+
+def refresh_gauges(runtime: Runtime, metrics: Metrics) -> None:
+    """Snapshot age and versions as this process serves them now (each worker its own)."""
+    serving = runtime.mirror.loaded if runtime.mirror is not None else None
+    if serving is None or runtime.artifacts is None:
+        return
+    as_of = serving.meta.as_of
+    as_of = as_of if as_of.tzinfo is not None else as_of.replace(tzinfo=UTC)  # naive = UTC
+    age = (datetime.now(UTC) - as_of).total_seconds()
+    metrics.snapshot_age.set(max(0.0, age))
+    metrics.show_versions(
+        runtime.artifacts.version, serving.meta.version, runtime.policy.content_hash
+    )
 
 
 def to_response(result: Recommendation, *, debug: bool) -> RecommendationResponse:

@@ -70,7 +70,7 @@ class RecommendationRequest(BaseModel):
     debug: bool = Field(
         default=False,
         description="Include the trace: every dropped candidate with its rule, and the score "
-        "parts of every item shown. Needs the admin bearer token.",
+        "parts of every item shown. Needs a key with the admin scope.",
     )
 
     @model_validator(mode="after")

@@ -114,7 +114,7 @@ import hashlib
 import itertools
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -462,6 +462,8 @@ class RedisSnapshotStore:
         self._fail_fast_until = 0.0
         self._probing = False
         self._last_unreachable = ""
+        # Called with (operation, seconds, failed) after each Redis operation: the metrics.
+        self.observe: Callable[[str, float, bool], None] | None = None
 
     def __repr__(self) -> str:
         kind = "cluster" if self._cluster else "single"
@@ -1134,8 +1136,11 @@ class RedisSnapshotStore:
                         f"(last: {self._last_unreachable})"
                     )
                 self._probing = probing = True
+        started = time.perf_counter()
+        failed = True
         try:
             yield
+            failed = False
         except (RedisError, RedisClusterException, OSError) as exc:
             # redis-py quotes the failing command in pipeline errors, payload included (a
             # Parquet blob, a thousand stock cells): keep the message a log line.
@@ -1157,6 +1162,8 @@ class RedisSnapshotStore:
         finally:
             if probing:
                 self._probing = False
+            if self.observe is not None:
+                self.observe(operation, time.perf_counter() - started, failed)
 
     def _where(self) -> str:
         if isinstance(self._client, RedisCluster):

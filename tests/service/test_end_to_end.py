@@ -248,6 +248,7 @@ def settings(request: pytest.FixtureRequest, demo_data: DemoData, tmp_path: Path
     redis_url = request.getfixturevalue("redis_url") if request.param == "redis" else None
     prefix = request.getfixturevalue("redis_prefix") if request.param == "redis" else "upsell"
     return Settings(
+        auth="off",  # not about auth: channel calls open
         redis_url=redis_url,
         redis_prefix=prefix,
         state_dir=tmp_path / "state",
@@ -310,6 +311,7 @@ def test_thousand_random_baskets_break_no_constraint(
 @pytest.fixture
 def in_process_settings(demo_data: DemoData, tmp_path: Path) -> Settings:
     return Settings(
+        auth="off",  # not about auth: channel calls open
         state_dir=tmp_path / "state",
         artifacts_dir=demo_data.artifacts_dir,
         snapshot_refresh_seconds=0,
@@ -401,7 +403,7 @@ def test_readiness_tells_the_truth(in_process_settings: Settings, demo_data: Dem
 
 def test_no_model_means_not_ready(tmp_path: Path) -> None:
     """Without trained artifacts the service starts, says why it is not ready, and 503s."""
-    settings = Settings(state_dir=tmp_path / "state", artifacts_dir=tmp_path / "none")
+    settings = Settings(auth="off", state_dir=tmp_path / "state", artifacts_dir=tmp_path / "none")
     with TestClient(create_app(settings)) as client:
         ready = client.get("/readyz")
         refused = client.post("/v1/recommendations", json={"channel": "cart"})

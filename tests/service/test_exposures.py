@@ -70,6 +70,7 @@ def settings(request: pytest.FixtureRequest, demo_data: DemoData, tmp_path: Path
             "redis_prefix": request.getfixturevalue("redis_prefix"),
         }
     return Settings(
+        auth="off",  # not about auth: channel calls open
         state_dir=tmp_path / "state",
         artifacts_dir=demo_data.artifacts_dir,
         policy_path=holdout_policy(tmp_path / "policy.yaml"),
@@ -277,6 +278,7 @@ def test_decision_record_names_the_arm(
     import orjson
 
     settings = Settings(
+        auth="off",  # not about auth: channel calls open
         state_dir=tmp_path / "state",
         artifacts_dir=demo_data.artifacts_dir,
         policy_path=holdout_policy(tmp_path / "policy.yaml"),

@@ -25,6 +25,7 @@ AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 def settings(demo_data: DemoData, tmp_path: Path) -> Settings:
     """The persisted in-process store with the sample snapshot published, admin token set."""
     settings = Settings(
+        auth="off",  # not about auth: channel calls open
         state_dir=tmp_path / "state",
         artifacts_dir=demo_data.artifacts_dir,
         snapshot_refresh_seconds=0,

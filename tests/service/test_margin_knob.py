@@ -72,6 +72,7 @@ def test_knob_zero_is_relevance_and_raising_it_raises_margin(
     mean_margin = []
     for weight in KNOBS:
         settings = Settings(
+            auth="off",  # not about auth: channel calls open
             state_dir=tmp_path / f"state-{weight}",
             artifacts_dir=demo_data.artifacts_dir,
             policy_path=policy_file(tmp_path, weight),

@@ -27,6 +27,7 @@ def write_policy(path: Path, **ranking: object) -> None:
 
 def settings_for(demo: DemoData, tmp_path: Path, *, token: str | None) -> Settings:
     settings = Settings(
+        auth="off",  # not about auth: channel calls open
         state_dir=tmp_path / "state",
         artifacts_dir=demo.artifacts_dir,
         policy_path=tmp_path / "policy.yaml",

@@ -38,6 +38,7 @@ def replica_settings(
     redis_url: str, prefix: str, demo: DemoData, tmp_path: Path, *, refresh_seconds: float
 ) -> Settings:
     return Settings(
+        auth="off",  # not about auth: channel calls open
         redis_url=redis_url,
         redis_prefix=prefix,
         state_dir=tmp_path / "state",

@@ -36,6 +36,7 @@ def settings_for(demo: DemoData, tmp_path: Path, **overrides: object) -> Setting
         "state_dir": tmp_path / "state",
         "artifacts_dir": demo.artifacts_dir,
         "admin_token": TOKEN,
+        "auth": "off",  # not about auth: channel calls open
         "snapshot_refresh_seconds": 0,
         "log_level": "warning",
     }

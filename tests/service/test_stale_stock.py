@@ -27,6 +27,7 @@ def settings(request: pytest.FixtureRequest, demo_data: DemoData, tmp_path: Any)
     redis_url = request.getfixturevalue("redis_url") if request.param == "redis" else None
     prefix = request.getfixturevalue("redis_prefix") if request.param == "redis" else "upsell"
     return Settings(
+        auth="off",  # not about auth: channel calls open
         redis_url=redis_url,
         redis_prefix=prefix,
         state_dir=tmp_path / "state",

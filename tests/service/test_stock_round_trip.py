@@ -210,6 +210,7 @@ def test_a_request_reads_stock_in_one_round_trip_for_candidates_at_eligible_node
     snapshot = fresh_snapshot(demo_data.contract_dir)
     with holding_relay(redis_server.port) as relay, monitoring(redis_server.port) as monitor:
         settings = Settings(
+            auth="off",  # not about auth: channel calls open
             redis_url=f"redis://{HOST}:{relay.port}/0",
             redis_prefix=PREFIX,
             state_dir=tmp_path / "state",

@@ -59,6 +59,7 @@ def settings_with(
     path = tmp_path / "policy.yaml"
     path.write_text(policy, encoding="utf-8")
     return Settings(
+        auth="off",  # not about auth: channel calls open
         redis_url=redis.url,
         redis_prefix="unavailable",
         state_dir=tmp_path / "state",

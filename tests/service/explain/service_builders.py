@@ -40,6 +40,7 @@ def service_settings(
         "snapshot_refresh_seconds": 0,
         "log_level": "warning",
         "admin_token": ADMIN_TOKEN,
+        "auth": "off",  # not about auth: channel calls open
         "anthropic_api_key": "test-key" if scenario is not None else None,
         "anthropic_base_url": scenario.base_url if scenario is not None else None,
         "explain_background_timeout_ms": 3000,
