@@ -10,9 +10,11 @@ writes to ``DevToolsActivePort`` in the profile directory.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -120,7 +122,12 @@ def visit(page: Path, *, screenshot: Path | None = None) -> PageVisit:
     """Load ``page`` in headless Chromium; return what it logged, requested and rendered."""
     binary = chromium_or_skip()
     with (
-        tempfile.TemporaryDirectory(prefix="upsell-chromium-") as scratch,
+        # Chromium's helpers (crashpad, utility processes) may still be writing into the
+        # profile for a moment after the browser exits: a leftover scratch file must not
+        # fail the test.
+        tempfile.TemporaryDirectory(
+            prefix="upsell-chromium-", ignore_cleanup_errors=True
+        ) as scratch,
         (Path(scratch) / "stderr.log").open("wb") as stderr,
     ):
         # A file, not a pipe: nobody reads chromium's chatter, and a full pipe would stall it.
@@ -129,6 +136,7 @@ def visit(page: Path, *, screenshot: Path | None = None) -> PageVisit:
             [binary, *FLAGS, f"--user-data-dir={profile}", "about:blank"],
             stdout=subprocess.DEVNULL,
             stderr=stderr,
+            start_new_session=True,  # its own process group: its helpers go with it
         )
         try:
             port = _debugging_port(profile, process, Path(scratch) / "stderr.log")
@@ -158,6 +166,8 @@ def visit(page: Path, *, screenshot: Path | None = None) -> PageVisit:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
     result = PageVisit(charts=json.loads(measured["result"]["value"]))
     for event in session.events:
         method, params = event.get("method"), event.get("params", {})
