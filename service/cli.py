@@ -172,12 +172,16 @@ def _reload_policy(base_url: str, settings: Settings) -> None:
     import urllib.error
     import urllib.request
 
-    if settings.admin_token is None:
-        raise InputError("UPSELL_ADMIN_TOKEN: set it to the running service's admin token")
+    credential = settings.client_key or settings.admin_token
+    if credential is None:
+        raise InputError(
+            "UPSELL_CLIENT_KEY: set it to an admin-scoped key of the running service "
+            "(or UPSELL_ADMIN_TOKEN to its admin token)"
+        )
     request = urllib.request.Request(
         f"{base_url.rstrip('/')}/v1/admin/policy/reload",
         method="POST",
-        headers={"Authorization": f"Bearer {settings.admin_token.get_secret_value()}"},
+        headers={"Authorization": f"Bearer {credential.get_secret_value()}"},
     )
     try:
         with urllib.request.urlopen(request, timeout=10) as response:

@@ -53,6 +53,12 @@ class Settings(BaseSettings):
         "unset = none.",
     )
 
+    client_key: SecretStr | None = Field(
+        default=None,
+        description="The key `upsell policy reload` sends to a running service (one with the "
+        "admin scope from its keys file); unset = UPSELL_ADMIN_TOKEN.",
+    )
+
     # Callers: API keys, rate limits and input limits (docs/operations.md).
     auth: Literal["keys", "off"] = Field(
         default="keys",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import socket
 import subprocess
 import sys
@@ -540,3 +541,24 @@ def test_log_lines_carry_the_request_id_and_never_the_raw_customer_id(
         "web-shop",
     )
     assert logged["channel"] == "cart"
+
+
+def test_policy_reload_cli_sends_the_client_key(
+    server: Server, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``upsell policy reload`` authenticates with UPSELL_CLIENT_KEY: an admin key reloads,
+    a key without the admin scope is refused with the service's reason (exit 2)."""
+    from service import cli
+
+    for name in [name for name in os.environ if name.startswith("UPSELL_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("UPSELL_LOG_LEVEL", "warning")
+
+    def reload(key: str) -> int:
+        monkeypatch.setenv("UPSELL_CLIENT_KEY", raw_key(key))
+        return cli.main(["policy", "reload", "--url", server.base])
+
+    assert reload("ops") == 0
+    assert "serving policy" in capsys.readouterr().out
+    assert reload("web-shop") == 2
+    assert "lacks the 'admin' scope" in capsys.readouterr().err
