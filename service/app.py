@@ -14,6 +14,7 @@ from service.api.admin_explanations import router as admin_explanations_router
 from service.api.admin_policy import router as admin_policy_router
 from service.api.errors import install_error_handlers
 from service.api.events import router as events_router
+from service.api.ping import router as ping_router
 from service.api.routes import router
 from service.api.timing import ArrivalMiddleware
 from service.logging import configure_logging
@@ -60,6 +61,7 @@ def create_app(
     app.include_router(inventory_router)
     app.include_router(admin_explanations_router)
     app.include_router(events_router)
+    app.include_router(ping_router)
     app.add_middleware(RequestIdMiddleware)
     app.add_middleware(ArrivalMiddleware)  # added last: outermost, so it stamps arrival first
     return app
