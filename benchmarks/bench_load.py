@@ -10,7 +10,9 @@ with the ceiling of the same stack (``POST /v1/ping``) measured in the same run.
 4. Drives it with ``wrk`` (``benchmarks/wrk_post_bodies.lua`` posts real baskets of the
    sample, per channel):
    - ``--rate`` (500) requests per second, paced by the script's ``delay()``, one run per
-     channel (cart, pdp, pos, contact_center): achieved rate and p50/p95/p99;
+     channel (cart, pdp, pos, contact_center): achieved rate and p50/p95/p99; then cart
+     once more at ``--light-rate`` (200), a rate this box can hold, so the latency of an
+     unsaturated server is in the same run;
    - as fast as answered: ``/v1/recommendations`` (cart) between two runs of ``/v1/ping``
      (the trivial endpoint: same server, same middleware, no work), and the ratio of their
      requests per second (against the mean of the two ping runs, so drift shows).
@@ -331,6 +333,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=int, default=20, help="seconds per wrk run")
     parser.add_argument("--rate", type=int, default=500, help="paced runs: requests per second")
+    parser.add_argument(
+        "--light-rate",
+        type=int,
+        default=200,
+        help="one more paced cart run, at a rate the box should hold (0 = none)",
+    )
     parser.add_argument("--workers", type=int, default=2, help="uvicorn workers")
     parser.add_argument("--threads", type=int, default=2, help="wrk threads")
     parser.add_argument("--paced-connections", type=int, default=16)
@@ -397,15 +405,15 @@ def main() -> None:
                 recommendations, ping = f"{base_url}/v1/recommendations", f"{base_url}/v1/ping"
                 common = {"token": token, "threads": args.threads}
 
-                def paced(channel: str) -> dict[str, Any]:
-                    print(f"wrk: {channel} at {args.rate} req/s for {args.duration} s", flush=True)
+                def paced(channel: str, rate: int) -> dict[str, Any]:
+                    print(f"wrk: {channel} at {rate} req/s for {args.duration} s", flush=True)
                     return run_wrk(
                         wrk,
                         recommendations,
                         bodies_file=bodies_files[channel],
                         duration_s=args.duration,
                         connections=args.paced_connections,
-                        rate=args.rate,
+                        rate=rate,
                         **common,
                     )
 
@@ -433,7 +441,9 @@ def main() -> None:
                 )
                 runs: dict[str, Any] = {}
                 for channel in CHANNELS:
-                    runs[f"{channel} @ {args.rate}/s"] = paced(channel)
+                    runs[f"{channel} @ {args.rate}/s"] = paced(channel, args.rate)
+                if args.light_rate:
+                    runs[f"cart @ {args.light_rate}/s"] = paced("cart", args.light_rate)
                 runs["ping, peak (before)"] = peak(ping)
                 runs["cart, peak"] = peak(recommendations)
                 runs["ping, peak (after)"] = peak(ping)
