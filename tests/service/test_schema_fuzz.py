@@ -23,6 +23,7 @@ import httpx
 import pytest
 import redis
 import schemathesis
+import structlog
 import yaml
 from hypothesis import HealthCheck, settings
 from pydantic import SecretStr
@@ -84,8 +85,18 @@ def live_url(
 
 
 def app_schema() -> dict[str, Any]:
-    """The OpenAPI document the app builds (no lifespan runs: routes and models only)."""
-    return create_app(Settings(log_level="error")).openapi()
+    """The OpenAPI document the app builds (no lifespan runs: routes and models only).
+
+    Called at collection: ``create_app`` configures structlog for the process, so the
+    configuration found is put back, or tests that capture logs later would see none."""
+    was_configured, saved = structlog.is_configured(), structlog.get_config()
+    try:
+        return create_app(Settings(log_level="error")).openapi()
+    finally:
+        if was_configured:
+            structlog.configure(**saved)
+        else:
+            structlog.reset_defaults()
 
 
 # Loaded at collection, from the app itself: schemathesis's lazy loader
