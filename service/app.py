@@ -19,6 +19,7 @@ from service.api.events import router as events_router
 from service.api.limits import BodyLimitMiddleware
 from service.api.metrics_route import router as metrics_router
 from service.api.observe import ObserveMiddleware
+from service.api.ping import router as ping_router
 from service.api.routes import router
 from service.api.timing import ArrivalMiddleware
 from service.api_keys import load_key_ring
@@ -86,6 +87,7 @@ def create_app(
     app.include_router(inventory_router)
     app.include_router(admin_explanations_router)
     app.include_router(events_router)
+    app.include_router(ping_router)
     # Outermost last: arrival stamp, request id (bound before anything logs), metrics and
     # the request log line, then the body limit just outside the routes.
     app.add_middleware(

@@ -33,12 +33,12 @@ from service.request_id import current_request_id
 from service.runtime import Runtime
 
 
-def get_runtime(request: Request) -> Runtime:
+async def get_runtime(request: Request) -> Runtime:
     runtime: Runtime = request.app.state.runtime
     return runtime
 
 
-def get_recommender(runtime: Annotated[Runtime, Depends(get_runtime)]) -> Recommender:
+async def get_recommender(runtime: Annotated[Runtime, Depends(get_runtime)]) -> Recommender:
     return runtime.require_recommender()
 
 
