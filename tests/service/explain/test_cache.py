@@ -160,6 +160,9 @@ def test_preload_copies_one_prompt_version_with_its_remaining_ttl(
                 prefix=redis_prefix,
                 ttl_seconds=3600,
                 local=MemoryExplanationCache(max_entries=2000, ttl_seconds=3600),
+                # Set-up, not the subject: a busy machine must not drop a write (put() logs
+                # and drops one that outlasts its timeout, by design).
+                operation_timeout_s=30.0,
             )
             for number in range(1200):  # more than one SCAN / pipeline batch
                 await writer.put(key(f"item{number}"), f"text {number}")
