@@ -332,9 +332,13 @@ def test_another_replica_gets_the_text_through_redis_without_a_call_of_its_own(
     seen = run(scenario_run())
     assert seen["calls_by_first_replica"] == 2
     assert [e.source for e in seen["contact_center"]] == ["cache"]
-    assert [e.source for e in seen["pdp_first"]] == ["template"]  # no I/O on a tight channel
+    # No I/O on a tight channel: the template, unless the start-up preload (a background
+    # task) had already copied the text into the in-process tier.
+    pdp_first = [e.source for e in seen["pdp_first"]]
+    assert pdp_first in (["template"], ["cache"])
     assert [(e.text, e.source) for e in seen["pdp_later"]] == [(GROUNDED_TEXT["en"], "cache")]
-    assert seen["stats"]["queue"] == {"queued": 1, "filled_from_shared_cache": 1}
+    if pdp_first == ["template"]:
+        assert seen["stats"]["queue"] == {"queued": 1, "filled_from_shared_cache": 1}
     assert scenario.calls == 2  # the second replica never called the LLM
 
 
