@@ -45,6 +45,7 @@ import httpx
 import numpy as np
 import polars as pl
 import redis
+from bench_bodies import request_body
 
 from models.artifacts import save_artifacts
 from models.calibration import fit_acceptance, save_calibration
@@ -77,16 +78,7 @@ def request_bodies(contract_dir: Path, count: int, *, seed: int) -> list[dict[st
         skus = rng.sample(basket := baskets[rng.randrange(len(baskets))], k=min(len(basket), 5))
         skus = skus[: rng.randint(1, len(skus))]
         channel = CHANNELS[number % len(CHANNELS)]
-        body: dict[str, Any] = {"channel": channel, "limit": 5}
-        if channel == "pdp":
-            body["sku"] = skus[0]
-        else:
-            body["basket"] = [{"sku": sku, "quantity": 1} for sku in skus]
-        if channel == "pos":
-            body["store_id"] = "S-UK"
-        else:
-            body["region"] = "UK"
-        bodies.append(body)
+        bodies.append(request_body(channel, skus))
     return bodies
 
 

@@ -52,6 +52,7 @@ from typing import Any
 import httpx
 import polars as pl
 import yaml
+from bench_bodies import request_body
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results" / "load.json"
@@ -191,16 +192,7 @@ def channel_bodies(orders_path: Path, channel: str, count: int, *, seed: int) ->
     for _ in range(count):
         basket = baskets[rng.randrange(len(baskets))]
         skus = rng.sample(basket, k=rng.randint(1, min(len(basket), 5)))
-        body: dict[str, Any] = {"channel": channel, "limit": 5}
-        if channel == "pdp":
-            body["sku"] = skus[0]
-        else:
-            body["basket"] = [{"sku": sku, "quantity": 1} for sku in skus]
-        if channel == "pos":
-            body["store_id"] = "S-UK"
-        else:
-            body["region"] = "UK"
-        bodies.append(json.dumps(body, separators=(",", ":")))
+        bodies.append(json.dumps(request_body(channel, skus), separators=(",", ":")))
     return bodies
 
 
