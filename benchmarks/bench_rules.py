@@ -36,6 +36,7 @@ from models.calibration import AcceptanceCalibration, Curve
 from models.data.contract import validate_table
 from models.data.schema import ITEMS, NODES
 from models.interfaces import Kind
+from rules.compiled import warm_up
 from rules.catalog import Catalog, catalog_from_items, node_table_from_nodes
 from rules.constraints import (
     KEPT,
@@ -264,7 +265,6 @@ def recommend(
         uses_history=USES_HISTORY[request.kind],
         channel=channel,
         now=NOW,
-        nodes=NODE_COUNT,
     )
     drop = apply_constraints(facts, request.facts, compiled, MASTER_CONSTRAINTS)
     survivors = np.flatnonzero(drop == KEPT)
@@ -365,6 +365,7 @@ def main() -> None:
         survivors = recommend(request, catalog, compiled, calibration)[1]
         read = stock_read(rng, len(survivors) + len(request.basket_pos))
         pool.append(replace(request, read=read))
+    warm_up()  # as the app does at start-up: compiled rule loops are built before requests
     gc.collect()
     gc.freeze()  # as the app does after start-up: no collector pauses over set-up objects
     timings_us: list[float] = []

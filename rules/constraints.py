@@ -16,12 +16,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from functools import cached_property
 
 import numpy as np
 import numpy.typing as npt
 
-from rules.catalog import Catalog, price_at
+from rules.catalog import Catalog
+from rules.compiled import compiled, register_warm_up
 from rules.policy import CHANNELS, Channel, Objective, Policy
 from rules.reasons import DropReason
 from rules.staleness import epoch_us
@@ -58,6 +58,11 @@ ITEM_ROW = np.dtype(
     }
 )
 _CACHE_LINE = 64
+_ITEM_WORDS = ITEM_ROW.itemsize // 8
+# Where the compiled facts loop finds each field of an ITEM_ROW (8-byte words, then bytes).
+_UNIT_PRICE, _PROMO_PRICE, _UNIT_COST, _RETURN_RATE = 0, 1, 2, 3
+_PROMO_START, _PROMO_END, _CATEGORY = 4, 5, 6
+_AGE_RESTRICTED, _SHIP_TO_HOME, _EXCLUDED_VENDOR = 56, 57, 58
 
 
 @dataclass(frozen=True, eq=False)
@@ -88,6 +93,11 @@ class CompiledPolicy:
     restricted_partners: tuple[frozenset[int], ...]
     excluded_item: BoolArray  # per catalog position: its brand is excluded
     item_rows: npt.NDArray[np.void]  # per catalog position, an ITEM_ROW record
+    # The same memory as (positions, 8) words and (positions, 64) bytes: what the compiled
+    # facts loop reads (numba checks a record dtype on every call, plain arrays cheaply).
+    item_words_f8: FloatArray
+    item_words_i8: IntArray
+    item_bytes: npt.NDArray[np.uint8]
     age_verified: dict[Channel, bool]
     # Category names the policy mentions that the catalog does not know: settings for them
     # have no effect on this catalog, which is worth a warning, not a refusal (the catalog
@@ -119,6 +129,7 @@ def compile_policy(policy: Policy, catalog: Catalog) -> CompiledPolicy:
         (brand in excluded_brands for brand in catalog.brands), dtype=np.bool_, count=len(catalog)
     )
     stock_breaks, stock_factors = _stock_steps(policy)
+    item_rows = _item_rows(catalog, excluded_item)
     mentioned = {
         *(entry.category for entry in policy.margin_floors),
         *(knob.category for knob in policy.ranking.knobs),
@@ -142,7 +153,10 @@ def compile_policy(policy: Policy, catalog: Catalog) -> CompiledPolicy:
             frozenset(int(code) for code in np.flatnonzero(partners)) for partners in restricted
         ),
         excluded_item=excluded_item,
-        item_rows=_item_rows(catalog, excluded_item),
+        item_rows=item_rows,
+        item_words_f8=item_rows.view(np.float64).reshape(len(catalog), _ITEM_WORDS),
+        item_words_i8=item_rows.view(np.int64).reshape(len(catalog), _ITEM_WORDS),
+        item_bytes=item_rows.view(np.uint8).reshape(len(catalog), ITEM_ROW.itemsize),
         age_verified={
             channel: channel in policy.restrictions.age_verified_channels for channel in CHANNELS
         },
@@ -189,10 +203,11 @@ class CandidateFacts:
     where it may not (no inventory row, a figure too old to trust, or a DC column on POS for
     an item not sold for home delivery). Whether an item is ranged is a separate fact,
     ``ranged_at_store`` (POS only): an item ranged at the store with nothing to sell is out
-    of stock, not out of the assortment. Before the stock read the stock arrays are
-    placeholders that no master rule reads. Stock arrays are column-major (Fortran order):
-    rules reduce across the few node columns for every candidate, which numpy does several
-    times faster in that layout.
+    of stock, not out of the assortment. Before the stock read (``candidate_facts``) the stock
+    arrays have no node columns and no master rule reads them; ``with_stock`` gives a subset
+    its read stock, ``with_stock_of`` spreads that back over every candidate. Stock arrays
+    are column-major (Fortran order): rules reduce across the few node columns for every
+    candidate, which numpy does several times faster in that layout.
     """
 
     catalog_pos: IntArray  # -1 where the item master lacks the SKU
@@ -270,6 +285,88 @@ class CandidateFacts:
             fulfilment_cost=self.fulfilment_cost[rows],
         )
 
+    def with_stock_of(self, rows: IntArray, judged: CandidateFacts) -> CandidateFacts:
+        """Every candidate's facts with the stock and fulfilment cost of ``judged``, the
+        facts of ``rows`` after the stock read; the others (dropped before it) show no
+        stock to sell (-1), no inbound, not ranged at the store, NaN cost."""
+        count, nodes = len(self), judged.available.shape[1]
+        available = np.full((count, nodes), -1, dtype=np.int64, order="F")
+        inbound = np.zeros((count, nodes), dtype=np.int64, order="F")
+        ranged_at_store = np.zeros(count, dtype=np.bool_)
+        fulfilment_cost = np.full(count, np.nan)
+        available[rows] = judged.available
+        inbound[rows] = judged.inbound
+        ranged_at_store[rows] = judged.ranged_at_store
+        fulfilment_cost[rows] = judged.fulfilment_cost
+        return CandidateFacts(
+            catalog_pos=self.catalog_pos,
+            category_code=self.category_code,
+            uses_history=self.uses_history,
+            age_restricted=self.age_restricted,
+            excluded_vendor=self.excluded_vendor,
+            ship_to_home=self.ship_to_home,
+            effective_price=self.effective_price,
+            unit_margin=self.unit_margin,
+            return_rate=self.return_rate,
+            margin_floor=self.margin_floor,
+            available=available,
+            inbound=inbound,
+            ranged_at_store=ranged_at_store,
+            fulfilment_cost=fulfilment_cost,
+        )
+
+
+@compiled
+def _item_facts(  # noqa: PLR0917 (a compiled loop: no keyword-only arguments)
+    words_f8: FloatArray,
+    words_i8: IntArray,
+    item_bytes: npt.NDArray[np.uint8],
+    catalog_pos: IntArray,
+    now_us: int,
+    floor_absolute: FloatArray,
+    floor_percent: FloatArray,
+    unknown: int,
+    out_category_code: IntArray,
+    out_price: FloatArray,
+    out_unit_margin: FloatArray,
+    out_return_rate: FloatArray,
+    out_margin_floor: FloatArray,
+    out_age_restricted: BoolArray,
+    out_excluded_vendor: BoolArray,
+    out_ship_to_home: BoolArray,
+) -> None:
+    """Per candidate, the ``candidate_facts`` fields read from its ITEM_ROW record (given as
+    its words and bytes): effective price (the promotion price inside ``[promo_start_us,
+    promo_end_us)``, as ``rules.catalog.price_at``), unit margin, the channel's margin floor
+    (the larger of the absolute and the percent one of its category); NaN numbers, category
+    code ``unknown`` and False flags where the item master lacks the SKU (position -1).
+
+    Written into the ``out_`` arrays, allocated by the caller: numba boxes an array it
+    returns several times slower than numpy allocates one."""
+    category_code, price, unit_margin = out_category_code, out_price, out_unit_margin
+    return_rate, margin_floor = out_return_rate, out_margin_floor
+    age_restricted, excluded_vendor = out_age_restricted, out_excluded_vendor
+    ship_to_home = out_ship_to_home
+    for index in range(catalog_pos.shape[0]):
+        position = catalog_pos[index]
+        if position < 0:
+            category_code[index] = unknown
+            price[index] = unit_margin[index] = np.nan
+            return_rate[index] = margin_floor[index] = np.nan
+            age_restricted[index] = excluded_vendor[index] = ship_to_home[index] = False
+            continue
+        live = words_i8[position, _PROMO_START] <= now_us < words_i8[position, _PROMO_END]
+        effective = words_f8[position, _PROMO_PRICE if live else _UNIT_PRICE]
+        code = words_i8[position, _CATEGORY]
+        category_code[index] = code
+        price[index] = effective
+        unit_margin[index] = effective - words_f8[position, _UNIT_COST]
+        return_rate[index] = words_f8[position, _RETURN_RATE]
+        margin_floor[index] = max(floor_absolute[code], floor_percent[code] * effective)
+        age_restricted[index] = item_bytes[position, _AGE_RESTRICTED] != 0
+        excluded_vendor[index] = item_bytes[position, _EXCLUDED_VENDOR] != 0
+        ship_to_home[index] = item_bytes[position, _SHIP_TO_HOME] != 0
+
 
 def candidate_facts(
     catalog: Catalog,
@@ -279,38 +376,33 @@ def candidate_facts(
     uses_history: BoolArray,
     channel: Channel,
     now: datetime,
-    nodes: int,
 ) -> CandidateFacts:
     """The item-master facts of candidates at catalog positions ``catalog_pos`` (-1 where
-    the item master lacks the SKU), with placeholder stock for ``nodes`` eligible nodes."""
+    the item master lacks the SKU); stock not read yet (no node columns)."""
     count = len(catalog_pos)
-    all_known = not count or int(catalog_pos.min()) >= 0
-    items = np.take(policy.item_rows, catalog_pos if all_known else np.maximum(catalog_pos, 0))
-    category_code: IntArray = items["category_code"]
-    price = price_at(
-        items["unit_price"],
-        items["promo_price"],
-        items["promo_start_us"],
-        items["promo_end_us"],
-        now_us=epoch_us(now),
-    )
-    unit_margin = price - items["unit_cost"]
-    return_rate: FloatArray = items["return_rate"]
-    age_restricted: BoolArray = items["age_restricted"]
-    excluded_vendor: BoolArray = items["excluded_vendor"]
-    ship_to_home: BoolArray = items["ship_to_home"]
-    if not all_known:  # the gathered records are a copy: patching them changes no table
-        unknown = catalog_pos < 0
-        category_code[unknown] = len(catalog.categories)
-        price[unknown] = np.nan
-        unit_margin[unknown] = np.nan
-        return_rate[unknown] = np.nan
-        age_restricted[unknown] = False
-        excluded_vendor[unknown] = False
-        ship_to_home[unknown] = False
     row = policy.channel_row[channel]
-    margin_floor = np.maximum(
-        policy.floor_absolute[row][category_code], policy.floor_percent[row][category_code] * price
+    category_code = np.empty(count, dtype=np.int64)
+    price, unit_margin, return_rate, margin_floor = (np.empty(count) for _ in range(4))
+    age_restricted, excluded_vendor, ship_to_home = (
+        np.empty(count, dtype=np.bool_) for _ in range(3)
+    )
+    _item_facts(
+        policy.item_words_f8,
+        policy.item_words_i8,
+        policy.item_bytes,
+        catalog_pos,
+        epoch_us(now),
+        policy.floor_absolute[row],
+        policy.floor_percent[row],
+        len(catalog.categories),
+        category_code,
+        price,
+        unit_margin,
+        return_rate,
+        margin_floor,
+        age_restricted,
+        excluded_vendor,
+        ship_to_home,
     )
     return CandidateFacts(
         catalog_pos=catalog_pos,
@@ -323,8 +415,8 @@ def candidate_facts(
         unit_margin=unit_margin,
         return_rate=return_rate,
         margin_floor=margin_floor,
-        available=np.full((count, nodes), -1, dtype=np.int64, order="F"),
-        inbound=np.zeros((count, nodes), dtype=np.int64, order="F"),
+        available=np.empty((count, 0), dtype=np.int64, order="F"),
+        inbound=np.empty((count, 0), dtype=np.int64, order="F"),
         ranged_at_store=np.zeros(count, dtype=np.bool_),
         fulfilment_cost=np.full(count, np.nan),
     )
@@ -347,11 +439,6 @@ class RequestFacts:
     consent: bool
     node_cost: FloatArray
     basket_node: BoolArray
-
-    @cached_property
-    def node_cost_rank(self) -> IntArray:
-        """Per node, how many eligible nodes ship more cheaply (equal costs share a rank)."""
-        return _cost_rank(self.node_cost)
 
     def with_basket_nodes(self, basket_node: BoolArray) -> RequestFacts:
         """The request once the basket's shipping nodes are known (``basket_shipping_nodes``)."""
@@ -503,7 +590,21 @@ def available_units(atp: IntArray, safety_stock: IntArray, ranged: BoolArray) ->
 
     Column-major (Fortran order), whatever the layout of the read: see ``CandidateFacts``.
     """
-    return np.asfortranarray(np.where(ranged, atp - safety_stock, -1))
+    units: IntArray = _available_units(atp, safety_stock, ranged)
+    return units
+
+
+@compiled
+def _available_units(atp: IntArray, safety_stock: IntArray, ranged: BoolArray) -> IntArray:
+    rows, columns = atp.shape
+    units = np.empty((columns, rows), np.int64).T  # column-major
+    for column in range(columns):
+        for row in range(rows):
+            if ranged[row, column]:
+                units[row, column] = atp[row, column] - safety_stock[row, column]
+            else:
+                units[row, column] = -1
+    return units
 
 
 def sellable_stock(
@@ -515,15 +616,18 @@ def sellable_stock(
     if channel != "pos" or bool(take_home.all()):
         return available
     masked = available.copy(order="F")
-    masked[np.ix_(~ship_to_home, ~take_home)] = -1
+    _mask_home_delivery(masked, ship_to_home, take_home)
     return masked
 
 
-_COLUMN_BITS = 6  # up to 64 eligible nodes in the packed key; more take the slower path
-_STOCK_BITS = 21
-_STOCK_CAP = 2**_STOCK_BITS - 1
-_NOT_COVERED = np.iinfo(np.int64).max
-_SMALL_BASKET_CELLS = 256  # basket lines x nodes up to which the plain-Python path is faster
+@compiled
+def _mask_home_delivery(available: IntArray, ship_to_home: BoolArray, take_home: BoolArray) -> None:
+    for column in range(available.shape[1]):
+        if take_home[column]:
+            continue
+        for row in range(available.shape[0]):
+            if not ship_to_home[row]:
+                available[row, column] = -1
 
 
 def _cost_rank(node_cost: FloatArray) -> IntArray:
@@ -532,33 +636,30 @@ def _cost_rank(node_cost: FloatArray) -> IntArray:
     return rank
 
 
-def _best_columns(available: IntArray, quantity: int | IntArray, preference: IntArray) -> IntArray:
-    """Per row, among the columns whose ``available`` covers ``quantity`` (a number, or a
-    column vector of one per row), the one with the lowest (preference, -stock, column);
-    -1 where none covers."""
+@compiled
+def _best_columns(available: IntArray, quantity: IntArray, preference: IntArray) -> IntArray:
+    """Per row, among the columns whose ``available`` covers the row's ``quantity``, the one
+    with the lowest (preference, -stock, column); -1 where none covers."""
     rows, columns = available.shape
-    if not columns:
-        return np.full(rows, -1, dtype=np.int64)
-    shortfall = available < quantity
-    stock = np.minimum(available, _STOCK_CAP)
-    if columns <= 2**_COLUMN_BITS:
-        # One integer per cell ordering (preference, -stock, column): a row's minimum is
-        # its choice, and the column rides in the low bits. A min over the node axis is far
-        # cheaper than argmin in the column-major layout the rules use.
-        node_part = (
-            (preference << (_STOCK_BITS + _COLUMN_BITS))
-            + (_STOCK_CAP << _COLUMN_BITS)
-            + np.arange(columns)
-        )
-        key = np.where(shortfall, _NOT_COVERED, node_part - (stock << _COLUMN_BITS))
-        best = key.min(axis=1)
-        column: IntArray = best & (2**_COLUMN_BITS - 1)
-        column[best == _NOT_COVERED] = -1
-        return column
-    key = np.where(shortfall, _NOT_COVERED, (preference << _STOCK_BITS) + _STOCK_CAP - stock)
-    column = key.argmin(axis=1)
-    column[key.min(axis=1) == _NOT_COVERED] = -1
-    return column
+    chosen = np.full(rows, -1, np.int64)
+    for row in range(rows):
+        needed = quantity[row]
+        best_preference = 0
+        best_stock = 0
+        for column in range(columns):
+            units = available[row, column]
+            if units < needed:
+                continue
+            rank = preference[column]
+            if (
+                chosen[row] < 0
+                or rank < best_preference
+                or (rank == best_preference and units > best_stock)
+            ):
+                chosen[row] = column
+                best_preference = rank
+                best_stock = units
+    return chosen
 
 
 def basket_shipping_nodes(
@@ -575,25 +676,13 @@ def basket_shipping_nodes(
     grouping them onto fewer nodes (a set cover) is not attempted. A line no node covers
     ships from nowhere.
     """
-    lines, columns = basket_available.shape
-    basket_node = np.zeros(columns, dtype=np.bool_)
-    if lines * columns > _SMALL_BASKET_CELLS:
-        column = _best_columns(
-            basket_available, basket_quantity[:, np.newaxis], _cost_rank(node_cost)
-        )
-        basket_node[column[column >= 0]] = True
+    basket_node = np.zeros(basket_available.shape[1], dtype=np.bool_)
+    if not basket_available.shape[0]:
         return basket_node
-    # A usual basket is a few lines: plain Python beats a dozen numpy calls on tiny arrays.
-    costs = node_cost.tolist()
-    for line, needed in zip(basket_available.tolist(), basket_quantity.tolist(), strict=True):
-        best: tuple[float, int, int] | None = None
-        for column_index, units in enumerate(line):
-            if units >= needed:
-                key = (costs[column_index], -units, column_index)
-                if best is None or key < best:
-                    best = key
-        if best is not None:
-            basket_node[best[2]] = True
+    column = _best_columns(
+        basket_available, basket_quantity.astype(np.int64, copy=False), _cost_rank(node_cost)
+    )
+    basket_node[column[column >= 0]] = True
     return basket_node
 
 
@@ -607,19 +696,56 @@ def choose_fulfillment_node(
     when the basket ships from nowhere yet, or when the policy does not charge splits.
     Column -1 and cost NaN where no eligible node covers the quantity.
     """
-    columns = available.shape[1]
-    # Per column, the cost charged; one past the last column NaN, so that column -1 (no
-    # node covers) gathers NaN.
-    charged = np.zeros(columns + 1)
-    charged[columns] = np.nan
-    if policy.policy.fulfilment.charge_split_shipments and request.basket_node.any():
-        free = request.basket_node | (request.node_cost == 0)
-        preference = np.where(free, 0, 1 + request.node_cost_rank)
-        charged[:columns] = np.where(free, 0.0, request.node_cost)
-    else:  # every shipment is free: most stock decides
-        preference = np.zeros(columns, dtype=np.int64)
-    column = _best_columns(available, request.quantity, preference)
-    return column, charged[column]
+    rows = available.shape[0]
+    column = np.empty(rows, dtype=np.int64)
+    cost = np.empty(rows)
+    _choose_nodes(
+        available,
+        request.quantity,
+        request.basket_node,
+        request.node_cost,
+        policy.policy.fulfilment.charge_split_shipments,
+        column,
+        cost,
+    )
+    return column, cost
+
+
+@compiled
+def _choose_nodes(  # noqa: PLR0917 (a compiled loop: no keyword-only arguments)
+    available: IntArray,
+    quantity: int,
+    basket_node: BoolArray,
+    node_cost: FloatArray,
+    charge_splits: bool,
+    out_column: IntArray,
+    out_cost: FloatArray,
+) -> None:
+    columns = node_cost.shape[0]
+    preference = np.zeros(columns, np.int64)
+    charged = np.zeros(columns)
+    if charge_splits and basket_node.any():
+        for column in range(columns):
+            if basket_node[column] or node_cost[column] == 0:
+                continue  # free: preference 0, nothing charged
+            # 1 + how many nodes ship more cheaply: equal costs share a preference.
+            preference[column] = 1 + (node_cost < node_cost[column]).sum()
+            charged[column] = node_cost[column]
+    for row in range(available.shape[0]):
+        chosen, best_preference, best_stock = -1, 0, 0
+        for column in range(columns):
+            units = available[row, column]
+            if units < quantity:
+                continue
+            rank = preference[column]
+            if (
+                chosen < 0
+                or rank < best_preference
+                or (rank == best_preference and units > best_stock)
+            ):
+                chosen, best_preference, best_stock = column, rank, units
+        out_column[row] = chosen
+        out_cost[row] = charged[chosen] if chosen >= 0 else np.nan
 
 
 def with_fulfilment(
@@ -631,3 +757,35 @@ def with_fulfilment(
     """
     column, cost = choose_fulfillment_node(candidates.available, request, policy)
     return candidates.with_fulfilment_cost(cost), column
+
+
+def _warm_up() -> None:
+    # The argument types requests use: the store's C-order reads, and slices of the
+    # column-major available units (survivors, then basket lines), which are not contiguous.
+    units = available_units(
+        np.zeros((3, 2), dtype=np.int64), np.zeros((3, 2), dtype=np.int64), np.ones((3, 2), bool)
+    )
+    for part in (units, units[:2], units[2:]):
+        _best_columns(part, np.ones(len(part), dtype=np.int64), np.zeros(2, dtype=np.int64))
+        for charge_splits in (False, True):
+            _choose_nodes(
+                part,
+                1,
+                np.ones(2, dtype=np.bool_),
+                np.zeros(2),
+                charge_splits,
+                np.empty(len(part), dtype=np.int64),
+                np.empty(len(part)),
+            )
+    _mask_home_delivery(units.copy(order="F"), np.zeros(3, bool), np.zeros(2, bool))
+    rows = np.zeros(1, dtype=ITEM_ROW)
+    words_f8, words_i8 = rows.view(np.float64).reshape(1, -1), rows.view(np.int64).reshape(1, -1)
+    item_bytes = rows.view(np.uint8).reshape(1, -1)
+    floats, flags = np.empty(2), np.empty(2, dtype=np.bool_)
+    _item_facts(
+        *(words_f8, words_i8, item_bytes, np.array([0, -1]), 0, np.zeros(2), np.zeros(2), 1),
+        *(np.empty(2, dtype=np.int64), floats, floats, floats, floats, flags, flags, flags),
+    )
+
+
+register_warm_up(_warm_up)

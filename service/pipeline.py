@@ -469,7 +469,6 @@ class Recommender:
             uses_history=np.isin(candidates.kind, _HISTORY_KINDS),
             channel=request.channel,
             now=request.now,
-            nodes=len(nodes.positions),
         )
         drop_reason = apply_constraints(facts, request, compiled, MASTER_CONSTRAINTS)
         survivors = np.flatnonzero(drop_reason == KEPT)
@@ -512,10 +511,7 @@ class Recommender:
         drop_reason[survivors] = apply_constraints(stock_view, request, compiled, STOCK_CONSTRAINTS)
         node_column = np.full(count, -1, dtype=np.int64)
         node_column[survivors] = column
-        facts.available[survivors] = stock_view.available
-        facts.inbound[survivors] = stock_view.inbound
-        facts.ranged_at_store[survivors] = ranged_at_store
-        facts.fulfilment_cost[survivors] = stock_view.fulfilment_cost
+        facts = facts.with_stock_of(survivors, stock_view)
         judged = _Judged(
             item_idx=candidates.item_idx,
             kind=candidates.kind,

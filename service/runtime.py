@@ -19,6 +19,7 @@ import structlog
 from models.artifacts import load_artifacts
 from models.calibration import load_calibration
 from models.interfaces import ModelArtifacts
+from rules.compiled import warm_up as warm_up_compiled_rules
 from rules.errors import NotReadyError
 from rules.policy import CHANNELS, Policy, load_policy
 from service.explain.cache import AnyRedis
@@ -78,6 +79,10 @@ class Runtime:
             runtime = cls(settings, store, policy, None, None, None, str(exc), explainer)
             runtime._start_stats_logger()
             return runtime
+        # Compiled rule loops are built (or loaded from numba's cache) now, not by the first
+        # request; off the event loop, since a cold compile takes seconds.
+        compiled_loops = await asyncio.to_thread(warm_up_compiled_rules)
+        log.info("compiled_rules_ready", loops=compiled_loops)
         mirror = SnapshotMirror(
             store=store,
             artifacts=artifacts,

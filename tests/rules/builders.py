@@ -87,7 +87,6 @@ def facts(
         uses_history=np.array(uses_history or [False] * len(skus), dtype=np.bool_),
         channel=channel,
         now=now,
-        nodes=stock.shape[1],
     )
     if ranged_at_store is None:
         at_store = stock[:, 0] >= 0 if stock.shape[1] else np.zeros(len(skus), np.bool_)

@@ -464,7 +464,7 @@ def test_basket_shipping_nodes(
 
 
 def test_big_baskets_are_sourced_the_same_way() -> None:
-    """Baskets past the plain-Python size take the vectorised path, with the same answer."""
+    """Many-line baskets: each line sourced on its own, whatever the basket size."""
     rng = np.random.default_rng(3)
     available = np.asfortranarray(rng.integers(-1, 6, (40, 16)))
     quantity = rng.integers(1, 4, 40)

@@ -336,7 +336,6 @@ def decide(
         uses_history=np.array(world.uses_history, dtype=np.bool_),
         channel=world.channel,
         now=NOW,
-        nodes=nodes,
     )
     basket = np.array(world.basket, dtype=np.int64)
     request = RequestFacts(
