@@ -13,6 +13,11 @@ COPY models ./models
 COPY rules ./rules
 # Not editable: the package, its sample data and default policy are copied into the venv.
 RUN /opt/venv/bin/pip install .
+# The compiled rule loops (numba), built once here into the venv's __pycache__: the runtime
+# user cannot write there, and a worker then loads them instead of compiling at start-up.
+# (On a CPU other than the build machine's, numba compiles again into ~/.cache, writable.)
+RUN OPENBLAS_NUM_THREADS=1 /opt/venv/bin/python -c \
+    "import rules.constraints; from rules.compiled import warm_up; warm_up()"
 
 FROM python:3.11-slim AS runtime
 # OpenBLAS threads: one per worker; several workers on few cores must not oversubscribe.
