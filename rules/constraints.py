@@ -630,36 +630,23 @@ def _mask_home_delivery(available: IntArray, ship_to_home: BoolArray, take_home:
                 available[row, column] = -1
 
 
-def _cost_rank(node_cost: FloatArray) -> IntArray:
-    """Per node, how many nodes are strictly cheaper (equal costs share a rank)."""
-    rank: IntArray = (node_cost[np.newaxis, :] < node_cost[:, np.newaxis]).sum(axis=1)
-    return rank
-
-
 @compiled
-def _best_columns(available: IntArray, quantity: IntArray, preference: IntArray) -> IntArray:
-    """Per row, among the columns whose ``available`` covers the row's ``quantity``, the one
-    with the lowest (preference, -stock, column); -1 where none covers."""
+def _basket_nodes(
+    available: IntArray, quantity: IntArray, node_cost: FloatArray, out_basket_node: BoolArray
+) -> None:
+    """``basket_shipping_nodes``, written into ``out_basket_node`` (all False on entry)."""
     rows, columns = available.shape
-    chosen = np.full(rows, -1, np.int64)
     for row in range(rows):
-        needed = quantity[row]
-        best_preference = 0
-        best_stock = 0
+        chosen, best_cost, best_stock = -1, 0.0, 0
         for column in range(columns):
             units = available[row, column]
-            if units < needed:
+            if units < quantity[row]:
                 continue
-            rank = preference[column]
-            if (
-                chosen[row] < 0
-                or rank < best_preference
-                or (rank == best_preference and units > best_stock)
-            ):
-                chosen[row] = column
-                best_preference = rank
-                best_stock = units
-    return chosen
+            cost = node_cost[column]
+            if chosen < 0 or cost < best_cost or (cost == best_cost and units > best_stock):
+                chosen, best_cost, best_stock = column, cost, units
+        if chosen >= 0:
+            out_basket_node[chosen] = True
 
 
 def basket_shipping_nodes(
@@ -677,12 +664,9 @@ def basket_shipping_nodes(
     ships from nowhere.
     """
     basket_node = np.zeros(basket_available.shape[1], dtype=np.bool_)
-    if not basket_available.shape[0]:
-        return basket_node
-    column = _best_columns(
-        basket_available, basket_quantity.astype(np.int64, copy=False), _cost_rank(node_cost)
+    _basket_nodes(
+        basket_available, basket_quantity.astype(np.int64, copy=False), node_cost, basket_node
     )
-    basket_node[column[column >= 0]] = True
     return basket_node
 
 
@@ -766,7 +750,7 @@ def _warm_up() -> None:
         np.zeros((3, 2), dtype=np.int64), np.zeros((3, 2), dtype=np.int64), np.ones((3, 2), bool)
     )
     for part in (units, units[:2], units[2:]):
-        _best_columns(part, np.ones(len(part), dtype=np.int64), np.zeros(2, dtype=np.int64))
+        _basket_nodes(part, np.ones(len(part), dtype=np.int64), np.zeros(2), np.zeros(2, bool))
         for charge_splits in (False, True):
             _choose_nodes(
                 part,
