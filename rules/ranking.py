@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from rules.compiled import compiled, register_warm_up
 from rules.constraints import OBJECTIVES, CompiledPolicy
 from rules.policy import Channel
 
@@ -65,48 +66,29 @@ def score(inputs: RankingInputs, policy: CompiledPolicy, channel: Channel) -> Sc
     """
     ranking = policy.policy.ranking
     row = policy.channel_row[channel]
-    codes = inputs.category_code
-    weight = policy.margin_weight[row][codes]
-
-    # A return refunds the price and costs handling: the margin is lost, plus handling.
-    return_cost = inputs.return_rate * (inputs.unit_margin + ranking.return_handling_cost)
-    stock_factor: FloatArray | float = 1.0
-    if policy.stock_breaks.size:
-        segment = np.searchsorted(policy.stock_breaks, inputs.stock_units, side="right")
-        stock_factor = policy.stock_factors[segment]
-    contribution = (
-        inputs.p_accept * (inputs.unit_margin - return_cost - inputs.fulfilment_cost)
-    ) * stock_factor
-
-    def objective_value(code: int) -> FloatArray:
-        if code == _MARGIN:
-            return contribution
-        if code == _SELL_THROUGH:
-            if not ranking.overstock_units:
-                return np.zeros(len(codes))
-            pressure = inputs.stock_units / (inputs.stock_units + ranking.overstock_units)
-            return np.asarray(inputs.p_accept * pressure * stock_factor, dtype=np.float64)
-        if code == _REVENUE:
-            return inputs.p_accept * inputs.effective_price
-        return inputs.relevance
-
-    single = policy.single_objective[row]
-    if single >= 0:  # the usual case: one objective for every category on the channel
-        value = objective_value(single)
-        scale = float(np.max(np.abs(value))) if value.size else 0.0
-        normalised = value / scale if scale > 0 else np.zeros_like(value)
-    else:
-        objective = policy.objective_code[row][codes]
-        value = np.empty(len(codes))
-        normalised = np.zeros(len(codes))
-        for code in policy.channel_objectives[row]:
-            ranked_by_it = objective == code
-            of_it = objective_value(code)
-            np.copyto(value, of_it, where=ranked_by_it)
-            scale = float(np.max(np.abs(of_it), where=ranked_by_it, initial=0.0))
-            if scale > 0:
-                np.copyto(normalised, of_it / scale, where=ranked_by_it)
-    final = (1.0 - weight) * inputs.relevance + weight * normalised
+    count = len(inputs.category_code)
+    return_cost, contribution, value, weight, final = (np.empty(count) for _ in range(5))
+    _score_parts(
+        inputs.category_code,
+        inputs.relevance,
+        inputs.p_accept,
+        inputs.effective_price,
+        inputs.unit_margin,
+        inputs.return_rate,
+        inputs.fulfilment_cost,
+        inputs.stock_units,
+        policy.margin_weight[row],
+        policy.objective_code[row],
+        policy.stock_breaks,
+        policy.stock_factors,
+        ranking.return_handling_cost,
+        ranking.overstock_units or 0,
+        return_cost,
+        contribution,
+        value,
+        weight,
+        final,
+    )
     return ScoreParts(
         return_cost=return_cost,
         contribution=contribution,
@@ -114,6 +96,80 @@ def score(inputs: RankingInputs, policy: CompiledPolicy, channel: Channel) -> Sc
         margin_weight=weight,
         final=final,
     )
+
+
+@compiled
+def _score_parts(  # noqa: PLR0917 (a compiled loop: no keyword-only arguments)
+    category_code: IntArray,
+    relevance: FloatArray,
+    p_accept: FloatArray,
+    effective_price: FloatArray,
+    unit_margin: FloatArray,
+    return_rate: FloatArray,
+    fulfilment_cost: FloatArray,
+    stock_units: IntArray,
+    margin_weight: FloatArray,  # per category code, on the request's channel
+    objective_code: npt.NDArray[np.int8],  # likewise
+    stock_breaks: IntArray,
+    stock_factors: FloatArray,
+    return_handling_cost: float,
+    overstock_units: int,  # 0: no overstock level, so no sell-through pressure
+    out_return_cost: FloatArray,
+    out_contribution: FloatArray,
+    out_value: FloatArray,
+    out_weight: FloatArray,
+    out_final: FloatArray,
+) -> None:
+    """``score``'s parts, written into the ``out_`` arrays: one pass for the values, one for
+    the scale of each objective, one for the blend (numpy took two dozen calls)."""
+    count = category_code.shape[0]
+    scale = np.zeros(len(OBJECTIVES))
+    for index in range(count):
+        code = category_code[index]
+        margin = unit_margin[index]
+        # A return refunds the price and costs handling: the margin is lost, plus handling.
+        return_cost = return_rate[index] * (margin + return_handling_cost)
+        units = stock_units[index]
+        stock_factor = 1.0
+        if stock_breaks.shape[0]:
+            stock_factor = stock_factors[np.searchsorted(stock_breaks, units, side="right")]
+        p = p_accept[index]
+        contribution = (p * (margin - return_cost - fulfilment_cost[index])) * stock_factor
+        objective = objective_code[code]
+        if objective == _MARGIN:
+            value = contribution
+        elif objective == _SELL_THROUGH:
+            value = 0.0
+            if overstock_units:
+                pressure = units / (units + overstock_units)
+                value = p * pressure * stock_factor
+        elif objective == _REVENUE:
+            value = p * effective_price[index]
+        else:
+            value = relevance[index]
+        out_return_cost[index] = return_cost
+        out_contribution[index] = contribution
+        out_value[index] = value
+        out_weight[index] = margin_weight[code]
+        scale[objective] = max(scale[objective], abs(value))
+    for index in range(count):
+        objective = objective_code[category_code[index]]
+        normalised = out_value[index] / scale[objective] if scale[objective] > 0 else 0.0
+        weight = out_weight[index]
+        out_final[index] = (1.0 - weight) * relevance[index] + weight * normalised
+
+
+def _warm_up() -> None:
+    floats, codes = np.zeros(1), np.zeros(1, dtype=np.int64)
+    for breaks in (np.zeros(0, dtype=np.int64), np.ones(1, dtype=np.int64)):
+        _score_parts(
+            *(codes, floats, floats, floats, floats, floats, floats, codes),
+            *(floats, np.zeros(1, dtype=np.int8), breaks, np.ones(len(breaks) + 1), 0.0, 0),
+            *(np.empty(1), np.empty(1), np.empty(1), np.empty(1), np.empty(1)),
+        )
+
+
+register_warm_up(_warm_up)
 
 
 def rank(

@@ -8,10 +8,12 @@ import sys
 # Run in a fresh interpreter: in this one, earlier tests may have compiled the loops already.
 _CHECK = """
 import numba
-import rules.constraints
+import rules.constraints, rules.ranking
 from rules.compiled import warm_up
 warm_up()
-loops = {name: value for name, value in vars(rules.constraints).items()
+loops = {f"{module.__name__}.{name}": value
+         for module in (rules.constraints, rules.ranking)
+         for name, value in vars(module).items()
          if isinstance(value, numba.core.registry.CPUDispatcher)}
 assert loops, "no compiled loops found"
 print(",".join(sorted(name for name, loop in loops.items() if not loop.signatures)) or "-")
