@@ -325,6 +325,7 @@ class ExposureRecorder:
         self._buffer: deque[dict[str, Any]] = deque()
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        self._stopping = False
         self.recorded = 0
         self.written = 0
         self.dropped = 0
@@ -383,10 +384,14 @@ class ExposureRecorder:
             self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
-        while True:
+        # The flag, not only the cancellation, ends the loop: on Python 3.11 wait_for can
+        # swallow a cancel that lands as the wait completes, and close() would wait forever.
+        while not self._stopping:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=self._flush_interval_s)
             self._wake.clear()
+            if self._stopping:
+                return
             if not await self.flush():
                 await asyncio.sleep(_RETRY_BACKOFF_S)
 
@@ -408,6 +413,8 @@ class ExposureRecorder:
     async def close(self, *, timeout_s: float = 5.0) -> None:
         """Stop the task, write what is left (within ``timeout_s``), close the sink."""
         if self._task is not None:
+            self._stopping = True
+            self._wake.set()
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task

@@ -310,3 +310,26 @@ def test_decision_record_names_the_arm(
         assert bool(decision["withheld"]) == (decision["arm"] == "holdout")
     assert {decision["arm"] for decision in decisions.values()} == {"holdout", "margin"}
     assert not any(customer in logged for customer in customers)
+
+
+def test_close_returns_when_a_flush_is_woken_as_it_stops(tmp_path: Path) -> None:
+    """close() right after a record() that woke the flush task (the cancel then lands as the
+    task's wait completes, which Python 3.11's wait_for can swallow) still returns, every
+    time, with everything written."""
+    settings = Settings(state_dir=tmp_path / "state")
+
+    async def scenario() -> int:
+        written = 0
+        for round_number in range(200):
+            sink = FileExposureSink(tmp_path / f"exposures-{round_number}.jsonl")
+            recorder = ExposureRecorder(
+                sink, pseudonymizer_for(settings), capacity=10, batch_size=1
+            )
+            recorder.start()
+            await asyncio.sleep(0)  # the task is now waiting on its wake event
+            recorder.record(query(), result(f"req-{round_number}"), now=NOW)
+            await asyncio.wait_for(recorder.close(), timeout=10)
+            written += recorder.written
+        return written
+
+    assert asyncio.run(scenario()) == 200
