@@ -30,6 +30,7 @@ from service.exposures import (
     open_redis_client,
     pseudonymizer_for,
 )
+from service.logging import configure_logging
 from service.pipeline import (
     Recommendation,
     RecommendationQuery,
@@ -316,6 +317,7 @@ def test_close_returns_when_a_flush_is_woken_as_it_stops(tmp_path: Path) -> None
     """close() right after a record() that woke the flush task (the cancel then lands as the
     task's wait completes, which Python 3.11's wait_for can swallow) still returns, every
     time, with everything written."""
+    configure_logging(level="warning")  # onto this test's stderr, not an earlier test's
     settings = Settings(state_dir=tmp_path / "state")
 
     async def scenario() -> int:
