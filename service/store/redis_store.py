@@ -27,16 +27,25 @@ fingerprint is the first 16 hex digits of the sha1 of the delta's figures (sku, 
 safety stock, inbound, as_of_us, NUL-joined).
 
 Reading stock
-    One pipelined round trip: the meta (existence; ``as_of`` the first time) and one HMGET of
-    the request's SKUs per node hash; on Cluster the pipeline goes to every master holding
-    one of those hashes at once. 300 SKUs x 8 nodes are 2,400 arguments, which redis-py's
-    asyncio client packs in pure Python (about 3 ms): ``open_store`` therefore hands in a
-    connection that packs with hiredis (C). redis-py's Cluster client cannot take another
-    connection class, so on Cluster each node's HMGET runs inside a Lua script that takes
-    the SKUs as one NUL-joined argument and answers one NUL-joined string: as cheap to pack,
-    but about twice the Redis CPU of bare HMGETs (a call per node, and Lua converts every
-    reply value), and Redis CPU is what all replicas share, so a single Redis does not use
-    it. See benchmarks/README.md for the figures.
+    One pipelined round trip: the meta (existence; ``as_of`` the first time) and the read
+    script, which takes the request's SKUs as one NUL-joined argument and answers, per node
+    hash, one string of its values for them, NUL-joined. On a single Redis one call covers
+    every node (keys of other slots are fine outside Cluster); on Cluster there is a call
+    per slot (per node hash), and the pipeline goes to every master holding one at once.
+    The client so packs one copy of the SKUs instead of one per node, and gets a string per
+    node instead of an object per cell; numpy parses all of them in one pass. Small node
+    hashes (listpack-encoded, up to 512 fields by default) are read with one HGETALL each
+    inside the script: HMGET on a listpack scans the whole hash once per field asked.
+
+    Measured (issue 7) by replaying the request path's reads of the bundled sample (~300
+    SKUs x 2 nodes, node hashes of ~330 SKUs: listpack), old and new back to back on one
+    Redis, a loaded 2-core box: per read, client CPU 1.1-1.2 -> 0.6 ms, Redis CPU 1.4-1.6 ->
+    0.5 ms, p50 2.6-3.0 -> 1.1-1.2 ms; the same SKUs at 16 nodes: client CPU 5.5 -> 1.8 ms,
+    Redis CPU 12 -> 3.4 ms. On large hashes (hash tables, ~40k SKUs a node) the script costs
+    Redis more than bare HMGETs did, Lua converting every reply value (about +15% at 16
+    nodes, +45% at 2, in a side measurement); the client saves more than that. Before, a
+    single Redis took plain HMGETs packed by hiredis (``open_store`` still hands in a
+    connection packing with hiredis: publishing and deltas send many arguments too).
 
 Publishing ``<v>``
     1. Encode everything (Parquet, packed stock) before the first write, so a snapshot that
@@ -201,18 +210,34 @@ end
 """
 
 # KEYS: stock hashes. ARGV[1]: SKUs joined by NUL. Returns, per key, its values joined by NUL
-# ('' for a SKU not ranged there). unpack() is bounded by Lua's C stack: 4,000 at a time.
+# ('' for a SKU not ranged there): one bulk string per key, so the client builds a handful of
+# objects, not one per cell, and parses them with numpy (_parse_cells).
+# HMGET on a listpack-encoded hash (a small one: up to hash-max-listpack-entries fields; a
+# ziplist before Redis 7) scans
+# the whole hash for each field asked; for more than a few SKUs one HGETALL pass into a Lua
+# table is cheaper (a 333-SKU node, 300 asked: about a third of the Redis CPU). Large hashes
+# are hash tables, where HMGET is a lookup per field.
+# unpack() is bounded by Lua's C stack: 4,000 at a time.
 _READ_STOCK: Final = (
     _LUA_SPLIT
     + """
 local skus = split(ARGV[1], '\\0')
+local count = #skus
 local replies = {}
 for k = 1, #KEYS do
   local values = {}
-  for first = 1, #skus, 4000 do
-    local last = math.min(first + 3999, #skus)
-    local got = redis.call('HMGET', KEYS[k], unpack(skus, first, last))
-    for i = 1, last - first + 1 do values[first + i - 1] = got[i] or '' end
+  local encoding = count >= 16 and redis.call('OBJECT', 'ENCODING', KEYS[k])
+  if encoding == 'listpack' or encoding == 'ziplist' then
+    local flat = redis.call('HGETALL', KEYS[k])
+    local cells = {}
+    for i = 1, #flat, 2 do cells[flat[i]] = flat[i + 1] end
+    for i = 1, count do values[i] = cells[skus[i]] or '' end
+  else
+    for first = 1, count, 4000 do
+      local last = math.min(first + 3999, count)
+      local got = redis.call('HMGET', KEYS[k], unpack(skus, first, last))
+      for i = 1, last - first + 1 do values[first + i - 1] = got[i] or '' end
+    end
   end
   replies[k] = table.concat(values, '\\0')
 end
@@ -615,17 +640,17 @@ class RedisSnapshotStore:
         commands: list[_Command] = [
             ("EXISTS" if cached_as_of_us is not None else "GET", self._meta_key(version))
         ]
-        if skus and self._cluster:
+        groups = self._slot_groups(stock_keys) if skus else []
+        if groups:
             joined_skus = FIELD_SEPARATOR.join(skus)
             if joined_skus.count(FIELD_SEPARATOR) != len(skus) - 1:
                 raise StoreError("cannot read stock: a SKU contains a NUL character")
             commands += [
-                (*self._script_call("read_stock", [key]), joined_skus) for key in stock_keys
+                (*self._script_call("read_stock", [stock_keys[i] for i in group]), joined_skus)
+                for group in groups
             ]
-        elif skus:
-            commands += [("HMGET", key, *skus) for key in stock_keys]
         with self._redis_errors("read_stock"):
-            meta_reply, *node_replies = await self._execute(commands)
+            meta_reply, *group_replies = await self._execute(commands)
         if not meta_reply:
             raise SnapshotNotFoundError(f"snapshot version {version} does not exist")
         if cached_as_of_us is not None:
@@ -636,20 +661,11 @@ class RedisSnapshotStore:
             if len(self._as_of_cache) >= _CACHED_VERSIONS:
                 self._as_of_cache.clear()
             self._as_of_cache[version] = base_as_of_us
-        columns: list[list[bytes]] = [[] for _ in node_ids]
-        for index, reply in enumerate(node_replies):
-            cells = (
-                bytes(reply[0]).split(_SEPARATOR)  # the script answers a list, one per key
-                if self._cluster
-                else [value or b"" for value in reply]
-            )
-            if len(cells) != len(skus):
-                raise StoreError(
-                    f"stock reply for {stock_keys[index]} has {len(cells)} values for "
-                    f"{len(skus)} SKUs"
-                )
-            columns[index] = cells
-        return _stock_matrix(skus, node_ids, columns, stock_keys, base_as_of_us=base_as_of_us)
+        replies: list[bytes] = [b""] * len(stock_keys)
+        for group, group_reply in zip(groups, group_replies, strict=True):
+            for position, reply in zip(group, group_reply, strict=True):
+                replies[position] = bytes(reply)
+        return _stock_matrix(skus, node_ids, replies, stock_keys, base_as_of_us=base_as_of_us)
 
     async def apply_deltas(self, batch: DeltaBatch) -> DeltaReport:
         """Check the batch against the current version, then per chunk: check the ids against
@@ -1245,40 +1261,28 @@ def _encode(snapshot: SnapshotData) -> _EncodedSnapshot:
 def _stock_matrix(
     skus: Sequence[str],
     node_ids: Sequence[str],
-    columns: Sequence[Sequence[bytes]],
+    replies: Sequence[bytes],
     stock_keys: Sequence[str],
     *,
     base_as_of_us: int,
 ) -> StockMatrix:
-    """Script replies (one column of SKUs per node; b"" = not ranged) as StockMatrix arrays.
+    """Script replies (per node, its values for ``skus`` joined by NUL; empty = not ranged) as
+    StockMatrix arrays.
 
-    Parsing is vectorised: a value set by a delta ends in that delta's id, which reading
-    does not need and drops; values of each shape (3 or 4 numbers) are then joined and parsed
-    by numpy in one call. Only a payload that fails to parse is looked at cell by cell, to
-    name its key and SKU.
+    All replies are parsed together by numpy (_parse_cells), with no Python object per cell.
+    Only replies that fail to parse are looked at cell by cell, to name the key and SKU.
     """
     sku_count, node_count = len(skus), len(node_ids)
     values = np.zeros((node_count * sku_count, 4), np.int64)
     values[:, 3] = base_as_of_us
     ranged = np.zeros(node_count * sku_count, np.bool_)
-    cells = list(itertools.chain.from_iterable(columns))  # node-major
-    if cells:
-        raw = np.array(cells, dtype=np.bytes_)
-        ranged = np.strings.str_len(raw) > 0
-        commas = np.strings.count(raw, b",")
-        with_id = commas == 4
-        if with_id.any():
-            raw = np.where(with_id, np.strings.rpartition(raw, b",")[0], raw)
-            commas = np.where(with_id, 3, commas)
-        for width in (3, 4):
-            shaped = ranged & (commas == width - 1)
-            if shaped.any():
-                parsed = _parse_numbers(raw[shaped].tolist(), width)
-                if parsed is None:
-                    raise _undecodable_stock(skus, columns, stock_keys)
-                values[shaped, :width] = parsed
-        if (ranged & (commas != 2) & (commas != 3)).any():
-            raise _undecodable_stock(skus, columns, stock_keys)
+    if sku_count and node_count:
+        # Node-major, every cell followed by a NUL.
+        packed = _SEPARATOR.join(replies) + _SEPARATOR
+        parsed = _parse_cells(packed, node_count * sku_count, base_as_of_us=base_as_of_us)
+        if parsed is None:
+            raise _undecodable_stock(skus, replies, stock_keys)
+        values, ranged = parsed
     by_sku = values.reshape(node_count, sku_count, 4).transpose(1, 0, 2)
     return StockMatrix(
         skus=tuple(skus),
@@ -1291,30 +1295,82 @@ def _stock_matrix(
     )
 
 
-def _parse_numbers(packed: list[bytes], width: int) -> npt.NDArray[np.int64] | None:
-    """Comma-separated integers, ``width`` per value, as an (n, width) array; None if any is
-    malformed (the caller has already checked the comma count of each value)."""
+_DIGITS: Final = np.isin(np.arange(256), list(b"0123456789"))  # indexed by byte
+_BLANK: Final = ord(" ")
+_COMMA: Final = ord(",")
+
+
+def _parse_cells(
+    packed: bytes, cell_count: int, *, base_as_of_us: int
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.bool_]] | None:
+    """Stock cells, each followed by a NUL, as (cell_count, 4) figures (atp, safety stock,
+    inbound, as_of_us) and whether each cell is ranged, without a Python object per cell.
+
+    A cell is empty (not ranged) or ``atp,safety_stock,inbound[,as_of_us[,delta_id]]``
+    (no as_of_us: ``base_as_of_us``). Reading does not need the delta id: it is blanked out,
+    the NULs become separators, and numpy parses every number in one call. None when there
+    are not ``cell_count`` cells or one is malformed: not 3-5 fields, or a number numpy
+    cannot read or that does not end in a digit (numpy alone would read an empty field or a
+    lone minus as 0). Like numpy, this takes a plus sign or blanks around a number.
+    """
+    text = np.frombuffer(packed, np.uint8)
+    ends = np.flatnonzero(text == 0)
+    if ends.size != cell_count:
+        return None
+    commas = np.flatnonzero(text == _COMMA)
+    commas_through = np.searchsorted(commas, ends)  # commas before each cell's end
+    per_cell = commas_through.copy()
+    per_cell[1:] -= commas_through[:-1]
+    ranged = np.concatenate(([0], ends[:-1] + 1)) != ends
+    if np.any(ranged & ((per_cell < 2) | (per_cell > 4))):
+        return None
+    with_id = per_cell == 4
+    # Every number ends in a digit: at a comma (delta ids hold none), or at the NUL of a
+    # cell without an id. A comma first in the text looks at the final NUL: not a digit.
+    if not (_DIGITS[text[commas - 1]].all() and _DIGITS[text[ends[ranged & ~with_id] - 1]].all()):
+        return None
+    values = np.zeros((cell_count, 4), np.int64)
+    values[:, 3] = base_as_of_us
+    if not ranged.any():
+        return values, ranged
+    buffer = text.copy()
+    if with_id.any():
+        # From the cell's last comma to its NUL; fromstring takes blanks between numbers.
+        id_starts = commas[commas_through[with_id] - 1]
+        lengths = ends[with_id] - id_starts
+        offsets = np.cumsum(lengths) - lengths
+        buffer[np.arange(int(lengths.sum())) + np.repeat(id_starts - offsets, lengths)] = _BLANK
+    buffer[ends] = np.where(ranged, _COMMA, _BLANK)  # an empty cell adds no separator
+    # Up to the last number: numpy reads a separator followed by blanks as one more number.
+    text_end = int(ends[ranged][-1])
     try:
-        numbers = np.fromstring(b",".join(packed), dtype=np.int64, sep=",")
-    except ValueError:
+        numbers = np.fromstring(buffer[:text_end].tobytes(), dtype=np.int64, sep=",")
+    except ValueError:  # text that is not a number, such as a minus inside one
         return None
-    if numbers.size != width * len(packed):
+    widths = np.where(with_id, 4, per_cell + 1) * ranged
+    if numbers.size != widths.sum():
         return None
-    return numbers.reshape(-1, width)
+    threes = widths == 3
+    if not threes.any():  # the usual cases: every ranged cell of one shape
+        values[ranged] = numbers.reshape(-1, 4)
+    elif np.array_equal(threes, ranged):
+        values[ranged, :3] = numbers.reshape(-1, 3)
+    else:
+        firsts = np.cumsum(widths) - widths
+        cells = np.repeat(np.arange(cell_count), widths)
+        values[cells, np.arange(numbers.size) - firsts[cells]] = numbers
+    return values, ranged
 
 
 def _undecodable_stock(
-    skus: Sequence[str],
-    columns: Sequence[Sequence[bytes]],
-    stock_keys: Sequence[str],
+    skus: Sequence[str], replies: Sequence[bytes], stock_keys: Sequence[str]
 ) -> StoreError:
-    for key, column in zip(stock_keys, columns, strict=True):
-        for sku, raw in zip(skus, column, strict=True):
-            if not raw:
-                continue
-            numbers = raw.rpartition(b",")[0] if raw.count(b",") == 4 else raw
-            width = numbers.count(b",") + 1
-            if width not in (3, 4) or _parse_numbers([numbers], width) is None:
+    for key, reply in zip(stock_keys, replies, strict=True):
+        cells = reply.split(_SEPARATOR)
+        if len(cells) != len(skus):
+            return StoreError(f"stock reply for {key} has {len(cells)} values for {len(skus)} SKUs")
+        for sku, raw in zip(skus, cells, strict=True):
+            if raw and _parse_cells(raw + _SEPARATOR, 1, base_as_of_us=0) is None:
                 return StoreError(f"stock payload at {key} field {sku!r} does not decode: {raw!r}")
     return StoreError(f"stock payloads at {list(stock_keys)} do not decode")
 

@@ -3,7 +3,8 @@
 The real app runs on a Redis started for this test. Two observers, neither of them ours:
 
 - Redis's own MONITOR stream shows every command Redis executed during the request, with
-  its arguments: which stock keys (nodes) and which SKUs were read.
+  its arguments: which stock keys (nodes) and which SKUs were read (the read script's keys
+  and its NUL-joined SKUs; the commands the script runs inside Redis are left out).
 - A TCP relay between the app and Redis holds Redis's replies back until the app has been
   quiet for a while, so a client that pipelines sends everything before it gets any reply,
   and one that needs a reply to go on shows a second burst. Counting the app's bursts that
@@ -46,6 +47,7 @@ HOLD_S = 0.05  # replies wait until the app has sent nothing for this long
 TICK_S = 0.005  # how often the relay looks whether it may release replies
 PREFIX = "roundtrip"
 _ARGUMENT = re.compile(r'"((?:[^"\\]|\\.)*)"')
+STOCK_KEY_MARK = b":atp:{"  # in every stock hash's key (service.store.redis_store)
 
 
 @dataclass
@@ -119,9 +121,9 @@ class HoldingRelay:
             app_out.close()
 
     def stock_round_trips(self, since: int) -> list[bytes]:
-        """The bursts after the first ``since`` that carry a stock read (HMGET)."""
+        """The bursts after the first ``since`` that carry a stock read (name a stock hash)."""
         with self.lock:
-            return [bytes(b) for b in self.bursts[since:] if b"HMGET" in b]
+            return [bytes(b) for b in self.bursts[since:] if STOCK_KEY_MARK in b]
 
     def burst_count(self) -> int:
         with self.lock:
@@ -155,9 +157,14 @@ class Monitor:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def commands(self, since: int) -> list[list[str]]:
+        """Commands clients sent since line ``since`` (not those scripts ran inside Redis)."""
         with self.lock:
             lines = self.lines[since:]
-        return [[arg.replace('\\"', '"') for arg in _ARGUMENT.findall(line)] for line in lines]
+        return [
+            [arg.replace('\\"', '"') for arg in _ARGUMENT.findall(line)]
+            for line in lines
+            if " lua] " not in line
+        ]
 
     def count(self) -> int:
         with self.lock:
@@ -204,9 +211,9 @@ def settle(monitor: Monitor, relay: HoldingRelay) -> None:
 def test_a_request_reads_stock_in_one_round_trip_for_candidates_at_eligible_nodes(
     redis_server: OwnRedis, demo_data: DemoData, tmp_path: Path
 ) -> None:
-    """One burst of stock commands per request: one meta check and one HMGET per eligible
-    node (the region's nodes), each naming exactly the candidates the item-master rules kept
-    plus the basket, and none they dropped."""
+    """One burst of stock commands per request: one meta check and one read script call
+    naming every eligible node (the region's nodes) and exactly the candidates the item-master
+    rules kept plus the basket, and none they dropped."""
     snapshot = fresh_snapshot(demo_data.contract_dir)
     with holding_relay(redis_server.port) as relay, monitoring(redis_server.port) as monitor:
         settings = Settings(
@@ -240,28 +247,32 @@ def test_a_request_reads_stock_in_one_round_trip_for_candidates_at_eligible_node
     # One round trip carried the whole stock read.
     assert len(stock_bursts) == 1, [burst[:200] for burst in stock_bursts]
 
-    # What Redis executed during the request: the meta check and one HMGET per node.
-    # Snapshot keys only: the exposure of each answer goes to its stream from a background
-    # task (service.exposures), off the request path.
-    snap_commands = [c for c in commands if len(c) > 1 and PREFIX in c[1] and ":snap:" in c[1]]
+    # What clients sent during the request: the meta check and one read script call for all
+    # nodes (a single Redis: one slot group). Snapshot keys only: the exposure of each answer
+    # goes to its stream from a background task (service.exposures), off the request path.
+    snap_commands = [c for c in commands if any(PREFIX in arg and ":snap:" in arg for arg in c[1:])]
     assert snap_commands, commands
     meta_checks = [c for c in snap_commands if c[0].upper() == "EXISTS"]
-    reads = [c for c in snap_commands if c[0].upper() == "HMGET"]
+    reads = [c for c in snap_commands if c[0].upper() == "EVALSHA"]
     assert meta_checks == [["EXISTS", f"{{{PREFIX}}}:snap:{meta.version}:meta"]]
+    assert len(reads) == 1, reads
     assert len(snap_commands) == len(meta_checks) + len(reads)
+    (read,) = reads
+    key_count = int(read[2])
+    keys, arguments = read[3 : 3 + key_count], read[3 + key_count :]
 
     nodes = snapshot.nodes
     in_region = nodes.filter(pl.col("region") == body["region"]).get_column("node_id").to_list()
     eligible = in_region or nodes.filter(pl.col("kind") == "dc").get_column("node_id").to_list()
     read_nodes = [
-        re.fullmatch(rf"{PREFIX}:snap:{meta.version}:atp:\{{(.+)\}}", c[1]) for c in reads
+        re.fullmatch(rf"{PREFIX}:snap:{meta.version}:atp:\{{(.+)\}}", key) for key in keys
     ]
-    assert all(read_nodes), reads
+    assert all(read_nodes), keys
     assert sorted(m.group(1) for m in read_nodes if m) == sorted(eligible)
 
-    read_skus = {tuple(c[2:]) for c in reads}
-    assert len(read_skus) == 1  # every node is asked for the same SKUs
-    (skus,) = read_skus
+    # One argument: the SKUs, joined by NUL (which MONITOR shows escaped).
+    assert len(arguments) == 1, arguments
+    skus = arguments[0].split("\\x00")
     assert len(skus) == len(set(skus))
     trace = answer["trace"]
     stock_rules = {reason.code for reason, _ in STOCK_CONSTRAINTS}
@@ -281,8 +292,8 @@ def test_a_request_reads_stock_in_one_round_trip_for_candidates_at_eligible_node
 def test_relay_counts_a_second_round_trip(redis_server: OwnRedis) -> None:
     """The relay's own check: a client that waits for a reply between two stock commands
     shows two bursts, a pipelined one shows one."""
-    first = b"*3\r\n$5\r\nHMGET\r\n$1\r\nk\r\n$1\r\na\r\n"
-    second = b"*3\r\n$5\r\nHMGET\r\n$1\r\nk\r\n$1\r\nb\r\n"
+    first = b"*3\r\n$5\r\nHMGET\r\n$9\r\nk:atp:{n}\r\n$1\r\na\r\n"
+    second = b"*3\r\n$5\r\nHMGET\r\n$9\r\nk:atp:{n}\r\n$1\r\nb\r\n"
 
     def receive(client: socket.socket, replies: int) -> None:
         received = b""

@@ -1391,3 +1391,125 @@ def test_hiredis_packing_matches_redis_py(command: tuple[Any, ...]) -> None:
 
     expected = b"".join(Connection().pack_command(*command))
     assert b"".join(HiredisPackingConnection().pack_command(*command)) == expected
+
+
+# -- the read script and its parser (issue 7: stock read CPU) -----------------------------------
+
+# More fields than Redis's default hash-max-listpack-entries (512): a hash of this many is a
+# hash table, one of fewer a listpack; the read script takes a different path for each.
+_LARGE_HASH = 600
+
+
+@dataclass
+class _RawRedis:
+    prefix: str
+    open_client: Callable[[], AbstractAsyncContextManager[AnyRedis]]
+    sync_client: redis.Redis | redis.cluster.RedisCluster
+
+
+@pytest.fixture(params=["redis", "redis-cluster"])
+def raw_redis(request: pytest.FixtureRequest) -> Iterator[_RawRedis]:
+    """A Redis store's client factory, prefix and a sync client for writing cells directly."""
+    sync_client: redis.Redis | redis.cluster.RedisCluster
+    if request.param == "redis":
+        sync_client = redis.Redis.from_url(request.getfixturevalue("redis_url"))
+        yield _RawRedis(
+            request.getfixturevalue("redis_prefix"),
+            request.getfixturevalue("redis_client"),
+            sync_client,
+        )
+    else:
+        cluster_url: str = request.getfixturevalue("redis_cluster_url")
+        sync_client = redis.cluster.RedisCluster.from_url(
+            cluster_url.replace("redis+cluster://", "redis://", 1)
+        )
+        yield _RawRedis(
+            request.getfixturevalue("redis_cluster_prefix"),
+            request.getfixturevalue("redis_cluster_client"),
+            sync_client,
+        )
+    sync_client.close()
+
+
+@pytest.mark.parametrize("large", [False, True], ids=["listpack", "hashtable"])
+def test_redis_reads_cells_of_every_shape(raw_redis: _RawRedis, large: bool) -> None:
+    """Cells of 3 numbers (the version's as_of), 4 (their own), 5 (a delta id, dropped), and
+    absent ones (not ranged) read back right, from small and large node hashes alike."""
+    as_of_us = epoch_us(AS_OF)
+    cells = {
+        "SKU-1": (b"5,1,2", (5, 1, 2, as_of_us)),
+        "SKU-2": (b"6,0,1,1740812400000001", (6, 0, 1, 1740812400000001)),
+        "SKU-3": (b"7,2,3,1740812400000002,erp:77/a-b.c", (7, 2, 3, 1740812400000002)),
+        "SKU-4": (b"0,0,0,-5,d", (0, 0, 0, -5)),
+    }
+    fillers = [f"FILL-{i}" for i in range(_LARGE_HASH if large else 20)]
+
+    async def scenario() -> StockMatrix:
+        async with raw_redis.open_client() as client:
+            store = RedisSnapshotStore(client, prefix=raw_redis.prefix)
+            meta = await store.publish(make_snapshot())
+            key = f"{raw_redis.prefix}:snap:{meta.version}:atp:{{S001}}"
+            raw_redis.sync_client.hset(
+                key,
+                mapping={**{sku: raw for sku, (raw, _) in cells.items()}}
+                | dict.fromkeys(fillers, b"1,0,0"),
+            )
+            expected = b"hashtable" if large else b"listpack"
+            assert raw_redis.sync_client.object("encoding", key) == expected
+            skus = [*cells, "NO-SUCH-SKU", *fillers]  # 16 or more: the listpack path
+            return await store.read_stock(meta.version, skus, ["DC01", "S001"])
+
+    stock = run(scenario())
+    for row, (sku, (_, figures)) in enumerate(cells.items()):
+        assert stock.skus[row] == sku
+        got = (
+            stock.atp[row, 1],
+            stock.safety_stock[row, 1],
+            stock.inbound[row, 1],
+            stock.as_of_us[row, 1],
+        )
+        assert got == figures, sku
+    assert bool(stock.ranged[: len(cells), 1].all())
+    unknown = len(cells)
+    assert not stock.ranged[unknown].any()
+    assert stock.atp[unknown].tolist() == [0, 0]
+    assert stock.as_of_us[unknown].tolist() == [as_of_us, as_of_us]
+    assert bool(stock.ranged[unknown + 1 :, 1].all())
+    assert stock.atp[unknown + 1 :, 1].tolist() == [1] * len(fillers)
+    # DC01 holds SKU-1 (make_snapshot's stock) and nothing written here.
+    assert stock.ranged[:, 0].tolist() == [True] + [False] * (len(stock.skus) - 1)
+    assert stock.atp[0, 0] == 900
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"3,2", b"1,,3", b"-,1,2", b"1,2,3,4,5,6", b"x,1,2", b"1,2,3-", b"1.5,2,3", b",1,2,3"],
+)
+def test_redis_malformed_cell_names_key_and_sku(raw_redis: _RawRedis, raw: bytes) -> None:
+    """A cell that does not parse raises StoreError naming its key and SKU, whatever the
+    other cells of the read hold."""
+
+    async def scenario() -> None:
+        async with raw_redis.open_client() as client:
+            store = RedisSnapshotStore(client, prefix=raw_redis.prefix)
+            meta = await store.publish(make_snapshot())
+            key = f"{raw_redis.prefix}:snap:{meta.version}:atp:{{S002}}"
+            raw_redis.sync_client.hset(key, mapping={"SKU-4": raw, "SKU-2": b"1,2,3,4,erp-1"})
+            with pytest.raises(StoreError, match=re.escape(f"{key} field 'SKU-4'")):
+                await store.read_stock(meta.version, list(SKUS), ["S001", "S002", "DC01"])
+
+    run(scenario())
+
+
+def test_redis_stock_read_refuses_a_sku_holding_nul(raw_redis: _RawRedis) -> None:
+    """NUL joins the SKUs the read script takes, so a SKU holding one is refused, not
+    misread (publishing refuses such SKUs, so none is ever ranged)."""
+
+    async def scenario() -> None:
+        async with raw_redis.open_client() as client:
+            store = RedisSnapshotStore(client, prefix=raw_redis.prefix)
+            meta = await store.publish(make_snapshot())
+            with pytest.raises(StoreError, match="NUL"):
+                await store.read_stock(meta.version, ["SKU-1", "SKU\x002"], ["S001"])
+
+    run(scenario())
