@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
-from typing import Final
+from typing import Final, Generic, TypeVar
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -23,7 +23,7 @@ from prometheus_client import (
 )
 from prometheus_client.multiprocess import MultiProcessCollector
 
-__all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
+__all__ = ["CONTENT_TYPE_LATEST", "Labelled", "Metrics"]
 
 MULTIPROC_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
 # Channel budgets are 15-25 ms (contact center 1.5 s): resolution where they are.
@@ -32,6 +32,28 @@ _LATENCY_BUCKETS: Final = (
     1.5, 2.5, 5.0,
 )  # fmt: skip
 _REDIS_BUCKETS: Final = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0)
+
+
+_Metric = TypeVar("_Metric", Counter, Histogram, Gauge)
+
+
+class Labelled(Generic[_Metric]):
+    """``metric.labels(*values)`` looked up once per label set, then from a dict.
+
+    prometheus_client's ``labels()`` takes a lock and builds its key on every call (a few µs,
+    several times a request); the children it returns live as long as the metric, so they
+    can be kept. Label sets are bounded (route templates, channels, statuses, key names).
+    """
+
+    def __init__(self, metric: _Metric) -> None:
+        self.metric: _Metric = metric
+        self._children: dict[tuple[str, ...], _Metric] = {}
+
+    def __call__(self, *values: str) -> _Metric:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self.metric.labels(*values)
+        return child
 
 
 def multiprocess_dir() -> str | None:
@@ -120,9 +142,16 @@ class Metrics:
             registry=registry,
         )
         self._versions_shown: tuple[str, str, str] | None = None
+        # The series labelled on every request, through the cache.
+        self.request_seconds_of = Labelled(self.request_seconds)
+        self.requests_of = Labelled(self.requests)
+        self._candidates_of = Labelled(self.candidates)
+        self._dropped_of = Labelled(self.dropped)
+        self._explanations_of = Labelled(self.explanations)
+        self._redis_seconds_of = Labelled(self.redis_seconds)
 
     def observe_redis(self, operation: str, seconds: float, failed: bool) -> None:
-        self.redis_seconds.labels(operation).observe(seconds)
+        self._redis_seconds_of(operation).observe(seconds)
         if failed:
             self.redis_errors.labels(operation).inc()
 
@@ -134,12 +163,12 @@ class Metrics:
         dropped_by_rule: dict[str, int],
         explanation_sources: Iterable[str],
     ) -> None:
-        self.candidates.labels(channel).inc(candidates)
+        self._candidates_of(channel).inc(candidates)
         for rule, count in dropped_by_rule.items():
             if count:
-                self.dropped.labels(channel, rule).inc(count)
+                self._dropped_of(channel, rule).inc(count)
         for source in explanation_sources:
-            self.explanations.labels(channel, source).inc()
+            self._explanations_of(channel, source).inc()
 
     def show_versions(self, model: str, snapshot: str, policy: str) -> None:
         shown = (model, snapshot, policy)

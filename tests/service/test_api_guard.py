@@ -13,6 +13,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from models.data.contract import read_snapshot_dir
 from rules.errors import InputError
 from service.api_keys import RateLimit, load_key_ring
 from service.app import create_app
-from service.rate_limit import RateLimiter
+from service.rate_limit import RateLimiter, lease_size
 from service.settings import Settings
 from tests.service.conftest import DemoData
 from tests.service.test_end_to_end import publish
@@ -49,6 +50,7 @@ KEYS: dict[str, tuple[list[str], dict[str, float] | None]] = {
     "tight": (["cart"], {"per_second": 0.01, "burst": 2}),  # refills one token per 100 s
     "tight-admin": (["admin"], {"per_second": 0.01, "burst": 1}),
     "tight-metrics": (["cart"], {"per_second": 0.01, "burst": 2}),
+    "leased": (["cart"], {"per_second": 100, "burst": 24}),  # leases of 5 tokens
 }
 
 
@@ -308,6 +310,91 @@ def test_rate_limit_applies_to_admin_calls(server: Server) -> None:
     first = post(server, "/v1/admin/policy/reload", headers=bearer("tight-admin"))
     second = post(server, "/v1/admin/policy/reload", headers=bearer("tight-admin"))
     assert (first.status_code, second.status_code) == (200, 429)
+
+
+def _rate_limit_calls(base: str) -> float:
+    """How many times the app asked Redis's bucket script, from its /metrics."""
+    text = httpx.get(f"{base}/metrics", timeout=10).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if (
+                sample.name == "upsell_redis_operation_duration_seconds_count"
+                and sample.labels.get("operation") == "rate_limit"
+            ):
+                return sample.value
+    return 0.0
+
+
+def test_rate_limit_leases_hold_across_two_apps_sharing_redis(server: Server) -> None:
+    """Issue 7: two app instances on one Redis bucket, each spending leased tokens locally,
+    never allow a key more than the bucket gives (burst + rate x elapsed), refuse at most
+    the unspent leases early, answer 429 with Retry-After, and ask Redis far less than once
+    a request."""
+    limit = RateLimit(per_second=100, burst=24)
+    lease = lease_size(limit)
+    assert lease == 5
+    sent = 80
+    with served(create_app(server.settings)) as other:
+        bases = [server.base, other]
+        calls_before = sum(_rate_limit_calls(base) for base in bases)
+        clients = [
+            httpx.Client(base_url=base, timeout=10, headers=bearer("leased")) for base in bases
+        ]
+        try:
+            started = time.monotonic()
+            answers = [clients[i % 2].post("/v1/recommendations", json=CART) for i in range(sent)]
+            elapsed = time.monotonic() - started
+        finally:
+            for client in clients:
+                client.close()
+        calls = sum(_rate_limit_calls(base) for base in bases) - calls_before
+    statuses = [answer.status_code for answer in answers]
+    assert set(statuses) <= {200, 429}
+    allowed = statuses.count(200)
+    assert allowed <= limit.burst + limit.per_second * elapsed
+    assert allowed >= min(sent, limit.burst - 2 * (lease - 1))
+    for refused in (answer for answer in answers if answer.status_code == 429):
+        assert refused.headers["retry-after"].isdigit()
+        assert int(refused.headers["retry-after"]) >= 1
+    assert calls <= sent / 2
+
+
+def test_rate_limiter_leases_tokens_from_the_shared_bucket(redis_url: str) -> None:
+    """Each limiter (a process) takes a lease of tokens from the Redis bucket in one call and
+    spends it without asking again; a second limiter leases from what is left."""
+    calls: list[str] = []
+
+    async def scenario() -> tuple[list[float], int]:
+        client = redis.asyncio.Redis.from_url(redis_url)
+        name = f"lease-{uuid.uuid4().hex[:8]}"
+        observe = lambda operation, _s, _failed: calls.append(operation)  # noqa: E731
+        first = RateLimiter(redis=client, prefix="upsell-test", observe=observe)
+        second = RateLimiter(redis=client, prefix="upsell-test", observe=observe)
+        limit = RateLimit(per_second=100, burst=20)  # leases of 5
+        try:
+            assert (await first.take(name, limit)).allowed
+            left = [float(await client.hget(first.bucket_key(name), "tokens") or 0)]
+            assert (await second.take(name, limit)).allowed
+            left.append(float(await client.hget(first.bucket_key(name), "tokens") or 0))
+            for _ in range(4):  # the rest of the first limiter's lease
+                assert (await first.take(name, limit)).allowed
+            return left, len(calls)
+        finally:
+            await client.delete(first.bucket_key(name))
+            await client.aclose()
+
+    left, redis_calls = asyncio.run(scenario())
+    assert 15 <= left[0] < 16  # 20 - 5, plus what refilled in between
+    assert 10 <= left[1] < 12
+    assert redis_calls == 2
+
+
+def test_lease_size_is_one_for_slow_keys() -> None:
+    """Keys under 40/s, or with a small burst, ask Redis on every request (exact limits)."""
+    assert lease_size(RateLimit(per_second=39, burst=1000)) == 1
+    assert lease_size(RateLimit(per_second=0.01, burst=2)) == 1
+    assert lease_size(RateLimit(per_second=1000, burst=8)) == 2
+    assert lease_size(RateLimit(per_second=100_000, burst=100_000)) == 64
 
 
 def _closed_port() -> int:
