@@ -206,8 +206,7 @@ class CandidateFacts:
     of stock, not out of the assortment. Before the stock read (``candidate_facts``) the stock
     arrays have no node columns and no master rule reads them; ``with_stock`` gives a subset
     its read stock, ``with_stock_of`` spreads that back over every candidate. Stock arrays
-    are column-major (Fortran order): rules reduce across the few node columns for every
-    candidate, which numpy does several times faster in that layout.
+    are row-major, as the store reads them: the compiled loops walk each candidate's nodes.
     """
 
     catalog_pos: IntArray  # -1 where the item master lacks the SKU
@@ -234,8 +233,8 @@ class CandidateFacts:
         """The facts of ``rows`` only (stock arrays too)."""
         return self.with_stock(
             rows,
-            available=np.asfortranarray(self.available[rows]),
-            inbound=np.asfortranarray(self.inbound[rows]),
+            available=self.available[rows],
+            inbound=self.inbound[rows],
             ranged_at_store=self.ranged_at_store[rows],
         )
 
@@ -290,8 +289,8 @@ class CandidateFacts:
         facts of ``rows`` after the stock read; the others (dropped before it) show no
         stock to sell (-1), no inbound, not ranged at the store, NaN cost."""
         count, nodes = len(self), judged.available.shape[1]
-        available = np.full((count, nodes), -1, dtype=np.int64, order="F")
-        inbound = np.zeros((count, nodes), dtype=np.int64, order="F")
+        available = np.full((count, nodes), -1, dtype=np.int64)
+        inbound = np.zeros((count, nodes), dtype=np.int64)
         ranged_at_store = np.zeros(count, dtype=np.bool_)
         fulfilment_cost = np.full(count, np.nan)
         available[rows] = judged.available
@@ -334,7 +333,7 @@ def _item_facts(  # noqa: PLR0917 (a compiled loop: no keyword-only arguments)
     out_age_restricted: BoolArray,
     out_excluded_vendor: BoolArray,
     out_ship_to_home: BoolArray,
-) -> None:
+) -> int:
     """Per candidate, the ``candidate_facts`` fields read from its ITEM_ROW record (given as
     its words and bytes): effective price (the promotion price inside ``[promo_start_us,
     promo_end_us)``, as ``rules.catalog.price_at``), unit margin, the channel's margin floor
@@ -347,6 +346,12 @@ def _item_facts(  # noqa: PLR0917 (a compiled loop: no keyword-only arguments)
     return_rate, margin_floor = out_return_rate, out_margin_floor
     age_restricted, excluded_vendor = out_age_restricted, out_excluded_vendor
     ship_to_home = out_ship_to_home
+    # A first pass that only touches each record: its body is small enough for the CPU to
+    # have many of these (random, usually uncached) loads in flight at once; the full pass
+    # then finds them in cache. Returned so that the compiler keeps it.
+    touched = 0
+    for index in range(catalog_pos.shape[0]):
+        touched += words_i8[max(catalog_pos[index], 0), _CATEGORY]
     for index in range(catalog_pos.shape[0]):
         position = catalog_pos[index]
         if position < 0:
@@ -355,7 +360,10 @@ def _item_facts(  # noqa: PLR0917 (a compiled loop: no keyword-only arguments)
             return_rate[index] = margin_floor[index] = np.nan
             age_restricted[index] = excluded_vendor[index] = ship_to_home[index] = False
             continue
-        live = words_i8[position, _PROMO_START] <= now_us < words_i8[position, _PROMO_END]
+        # & rather than a chained comparison: no branch on whether a promotion is live.
+        live = (words_i8[position, _PROMO_START] <= now_us) & (
+            now_us < words_i8[position, _PROMO_END]
+        )
         effective = words_f8[position, _PROMO_PRICE if live else _UNIT_PRICE]
         code = words_i8[position, _CATEGORY]
         category_code[index] = code
@@ -366,6 +374,7 @@ def _item_facts(  # noqa: PLR0917 (a compiled loop: no keyword-only arguments)
         age_restricted[index] = item_bytes[position, _AGE_RESTRICTED] != 0
         excluded_vendor[index] = item_bytes[position, _EXCLUDED_VENDOR] != 0
         ship_to_home[index] = item_bytes[position, _SHIP_TO_HOME] != 0
+    return touched
 
 
 def candidate_facts(
@@ -415,8 +424,8 @@ def candidate_facts(
         unit_margin=unit_margin,
         return_rate=return_rate,
         margin_floor=margin_floor,
-        available=np.empty((count, 0), dtype=np.int64, order="F"),
-        inbound=np.empty((count, 0), dtype=np.int64, order="F"),
+        available=np.empty((count, 0), dtype=np.int64),
+        inbound=np.empty((count, 0), dtype=np.int64),
         ranged_at_store=np.zeros(count, dtype=np.bool_),
         fulfilment_cost=np.full(count, np.nan),
     )
@@ -600,14 +609,13 @@ def apply_constraints(
 def _mark_dropped(drop_reason: npt.NDArray[np.int8], keep: BoolArray, reason: int) -> None:
     # One pass; ``drop_reason[~keep] = reason`` is two, each dearer than the rule itself.
     for index in range(drop_reason.shape[0]):
-        if not keep[index]:
-            drop_reason[index] = reason
+        drop_reason[index] = drop_reason[index] if keep[index] else reason  # a select
 
 
 def available_units(atp: IntArray, safety_stock: IntArray, ranged: BoolArray) -> IntArray:
     """Units that may be promised: ATP minus safety stock; -1 where the item is not ranged.
 
-    Column-major (Fortran order), whatever the layout of the read: see ``CandidateFacts``.
+    Row-major, as the store reads stock: see ``CandidateFacts``.
     """
     units: IntArray = _available_units(atp, safety_stock, ranged)
     return units
@@ -616,13 +624,13 @@ def available_units(atp: IntArray, safety_stock: IntArray, ranged: BoolArray) ->
 @compiled
 def _available_units(atp: IntArray, safety_stock: IntArray, ranged: BoolArray) -> IntArray:
     rows, columns = atp.shape
-    units = np.empty((columns, rows), np.int64).T  # column-major
-    for column in range(columns):
-        for row in range(rows):
-            if ranged[row, column]:
-                units[row, column] = atp[row, column] - safety_stock[row, column]
-            else:
-                units[row, column] = -1
+    # Row-major out: a column-major copy (strided writes) cost several times this loop.
+    units = np.empty((rows, columns), np.int64)
+    for row in range(rows):
+        for column in range(columns):
+            units[row, column] = (
+                atp[row, column] - safety_stock[row, column] if ranged[row, column] else -1
+            )
     return units
 
 
@@ -634,7 +642,7 @@ def sellable_stock(
     entry per row)."""
     if channel != "pos" or bool(take_home.all()):
         return available
-    masked = available.copy(order="F")
+    masked = available.copy()
     _mask_home_delivery(masked, ship_to_home, take_home)
     return masked
 
@@ -647,6 +655,11 @@ def _mask_home_delivery(available: IntArray, ship_to_home: BoolArray, take_home:
         for row in range(available.shape[0]):
             if not ship_to_home[row]:
                 available[row, column] = -1
+
+
+_STOCK_BITS = 40  # stock above 2**40 - 1 units counts as that much when choosing a node
+_STOCK_CAP = (1 << _STOCK_BITS) - 1
+_NOT_COVERED = np.iinfo(np.int64).max
 
 
 @compiled
@@ -734,19 +747,19 @@ def _choose_nodes(  # noqa: PLR0917 (a compiled loop: no keyword-only arguments)
             # 1 + how many nodes ship more cheaply: equal costs share a preference.
             preference[column] = 1 + (node_cost < node_cost[column]).sum()
             charged[column] = node_cost[column]
+    # One integer per cell orders (preference, -stock): a row's smallest key is its choice
+    # (the first column on ties, by the strict <). Selects rather than branches: stock is
+    # random from one request to the next, and a mispredicted branch per cell cost more
+    # than the loop's work.
     for row in range(available.shape[0]):
-        chosen, best_preference, best_stock = -1, 0, 0
+        chosen, best_key = -1, _NOT_COVERED
         for column in range(columns):
             units = available[row, column]
-            if units < quantity:
-                continue
-            rank = preference[column]
-            if (
-                chosen < 0
-                or rank < best_preference
-                or (rank == best_preference and units > best_stock)
-            ):
-                chosen, best_preference, best_stock = column, rank, units
+            key = (preference[column] << _STOCK_BITS) - min(units, _STOCK_CAP)
+            key = key if units >= quantity else _NOT_COVERED
+            better = key < best_key
+            best_key = key if better else best_key
+            chosen = column if better else chosen
         out_column[row] = chosen
         out_cost[row] = charged[chosen] if chosen >= 0 else np.nan
 
@@ -764,7 +777,7 @@ def with_fulfilment(
 
 def _warm_up() -> None:
     # The argument types requests use: the store's C-order reads, and slices of the
-    # column-major available units (survivors, then basket lines), which are not contiguous.
+    # slices of the available units (survivors, then basket lines).
     units = available_units(
         np.zeros((3, 2), dtype=np.int64), np.zeros((3, 2), dtype=np.int64), np.ones((3, 2), bool)
     )
@@ -780,7 +793,7 @@ def _warm_up() -> None:
                 np.empty(len(part), dtype=np.int64),
                 np.empty(len(part)),
             )
-    _mask_home_delivery(units.copy(order="F"), np.zeros(3, bool), np.zeros(2, bool))
+    _mask_home_delivery(units.copy(), np.zeros(3, bool), np.zeros(2, bool))
     _mark_dropped(np.zeros(2, dtype=np.int8), np.zeros(2, dtype=np.bool_), 1)
     _none_of(np.zeros(2, dtype=np.int64), np.zeros(1, dtype=np.int64), np.empty(2, np.bool_))
     rows = np.zeros(1, dtype=ITEM_ROW)

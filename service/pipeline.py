@@ -503,8 +503,8 @@ class Recommender:
         stock_view, column = with_fulfilment(
             facts.with_stock(
                 survivors,
-                available=np.asfortranarray(available[:split]),
-                inbound=np.asfortranarray(inbound[:split]),
+                available=available[:split],
+                inbound=inbound[:split],
                 ranged_at_store=ranged_at_store,
             ),
             request,

@@ -94,8 +94,8 @@ def facts(
         at_store = np.array(ranged_at_store, dtype=np.bool_)
     return master.with_stock(
         np.arange(len(skus)),
-        available=np.asfortranarray(stock),
-        inbound=np.zeros_like(stock, order="F"),
+        available=np.ascontiguousarray(stock),
+        inbound=np.zeros_like(stock),
         ranged_at_store=at_store,
     )
 

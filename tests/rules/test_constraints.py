@@ -249,14 +249,20 @@ def test_store_assortment_without_dc_shipping() -> None:
     assert outcome[0] == ["NOT_IN_ASSORTMENT"]
 
 
-def test_available_units_is_column_major() -> None:
-    """The rules reduce across nodes; the read's layout must not slow them down."""
+def test_available_units_is_row_major() -> None:
+    """The compiled rules walk each candidate's nodes: whatever the read's layout, units
+    come out row-major, with the same values."""
     atp = np.array([[5, 0, 7], [1, 2, 3]], dtype=np.int64)
     safety = np.array([[2, 0, 9], [0, 0, 0]], dtype=np.int64)
     ranged = np.array([[True, False, True], [True, True, False]])
-    units = available_units(atp, safety, ranged)
-    assert units.tolist() == [[3, -1, -2], [1, 2, -1]]
-    assert units.flags["F_CONTIGUOUS"]
+    for layout in ("C", "F"):
+        units = available_units(
+            np.asarray(atp, order=layout),
+            np.asarray(safety, order=layout),
+            np.asarray(ranged, order=layout),
+        )
+        assert units.tolist() == [[3, -1, -2], [1, 2, -1]], layout
+        assert units.flags["C_CONTIGUOUS"], layout
 
 
 @pytest.mark.parametrize(
@@ -265,7 +271,7 @@ def test_available_units_is_column_major() -> None:
 )
 def test_sellable_stock(channel: Channel, expected: list[list[int]]) -> None:
     """On POS a DC column serves only items sold for home delivery (row 1 here)."""
-    available = np.asfortranarray([[4, 6, 2], [4, 6, 2]])
+    available = np.ascontiguousarray([[4, 6, 2], [4, 6, 2]])
     take_home = np.array([True, False, False])
     sellable = sellable_stock(available, np.array([False, True]), take_home, channel=channel)
     assert sellable.tolist() == expected
@@ -454,7 +460,7 @@ def test_basket_shipping_nodes(
     """Each basket line ships from the cheapest node covering its quantity (then most
     stock, then the first)."""
     shipping = basket_shipping_nodes(
-        np.asfortranarray(
+        np.ascontiguousarray(
             np.array(available, dtype=np.int64).reshape(len(quantity), len(node_cost))
         ),
         np.array(quantity, dtype=np.int64),
@@ -466,7 +472,7 @@ def test_basket_shipping_nodes(
 def test_big_baskets_are_sourced_the_same_way() -> None:
     """Many-line baskets: each line sourced on its own, whatever the basket size."""
     rng = np.random.default_rng(3)
-    available = np.asfortranarray(rng.integers(-1, 6, (40, 16)))
+    available = np.ascontiguousarray(rng.integers(-1, 6, (40, 16)))
     quantity = rng.integers(1, 4, 40)
     node_cost = rng.choice([0.5, 2.0, 7.0], 16)
     expected = np.zeros(16, dtype=np.bool_)
@@ -513,7 +519,7 @@ def test_multi_node_baskets(
     free; one only at a third node pays that node's shipment out of its margin, and is
     dropped when that breaks the floor (A: margin 1.00 on 2.00, floor 0.30)."""
     basket_node = basket_shipping_nodes(
-        np.asfortranarray(BASKET_STOCK), np.array([1, 1]), np.array(node_cost)
+        np.ascontiguousarray(BASKET_STOCK), np.array([1, 1]), np.array(node_cost)
     )
     assert basket_node.tolist() == [True, True, False]
     candidate = facts(CATALOG, ["A"], available=candidate_stock, compiled=COMPILED)
