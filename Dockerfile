@@ -17,7 +17,7 @@ RUN /opt/venv/bin/pip install .
 # user cannot write there, and a worker then loads them instead of compiling at start-up.
 # (On a CPU other than the build machine's, numba compiles again into ~/.cache, writable.)
 RUN OPENBLAS_NUM_THREADS=1 /opt/venv/bin/python -c \
-    "import rules.constraints, rules.ranking; from rules.compiled import warm_up; warm_up()"
+    "import rules.constraints, rules.ranking, models.calibration; from rules.compiled import warm_up; warm_up()"
 
 FROM python:3.11-slim AS runtime
 # OpenBLAS threads: one per worker; several workers on few cores must not oversubscribe.

@@ -8,11 +8,11 @@ import sys
 # Run in a fresh interpreter: in this one, earlier tests may have compiled the loops already.
 _CHECK = """
 import numba
-import rules.constraints, rules.ranking
+import rules.constraints, rules.ranking, models.calibration
 from rules.compiled import warm_up
 warm_up()
 loops = {f"{module.__name__}.{name}": value
-         for module in (rules.constraints, rules.ranking)
+         for module in (rules.constraints, rules.ranking, models.calibration)
          for name, value in vars(module).items()
          if isinstance(value, numba.core.registry.CPUDispatcher)}
 assert loops, "no compiled loops found"
