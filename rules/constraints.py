@@ -74,6 +74,7 @@ class CompiledPolicy:
     """
 
     policy: Policy
+    policy_version: str  # ``policy.content_hash``, computed once (it hashes the whole policy)
     channel_row: dict[Channel, int]
     floor_absolute: FloatArray
     floor_percent: FloatArray
@@ -137,6 +138,7 @@ def compile_policy(policy: Policy, catalog: Catalog) -> CompiledPolicy:
     }
     return CompiledPolicy(
         policy=policy,
+        policy_version=policy.content_hash,
         channel_row={channel: row for row, channel in enumerate(CHANNELS)},
         floor_absolute=absolute,
         floor_percent=percent,

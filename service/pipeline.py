@@ -431,7 +431,7 @@ class Recommender:
             versions=Versions(
                 model=self._artifacts.version,
                 snapshot=serving.meta.version,
-                policy=policy.content_hash,
+                policy=compiled.policy_version,
             ),
             candidates_considered=len(all_judged.catalog_pos),
             dropped_by_rule=dropped_by_rule,
@@ -657,7 +657,7 @@ class Recommender:
         )
         if not shape[0] or not shape[1]:
             return unseen
-        skus = tuple(serving.catalog.skus[int(pos)] for pos in catalog_pos)
+        skus = tuple(map(serving.catalog.skus.__getitem__, catalog_pos.tolist()))
         node_ids = serving.nodes.ids(nodes.positions)
         remembering = serving.policy.policy.stock.on_unavailable == "last_known"
         try:
