@@ -348,7 +348,9 @@ def _load_array(
         )
     if array.dtype != expected_dtype:
         raise InputError(f"{path}: dtype {array.dtype}, expected {expected_dtype}")
-    return array
+    # A plain ndarray view of the same mapping: np.memmap's __getitem__ is Python code, and
+    # candidate generation indexes these arrays a dozen times a request.
+    return np.asarray(array)
 
 
 def _check_consistent(

@@ -694,7 +694,7 @@ async def prepared_dataset(
                 contexts=[_context(case, oracle, known) for case in cases],
                 training=training,
                 calibrations=calibrations,
-                memory_mapped=isinstance(artifacts.item_factors, np.memmap),
+                memory_mapped=isinstance(artifacts.item_factors.base, np.memmap),
                 showable=showable,
             )
         finally:
