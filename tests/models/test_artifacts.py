@@ -123,10 +123,12 @@ def test_loaded_arrays_are_read_only_memory_maps(tmp_path: Path, artifacts: Mode
 
     for name in ARRAY_FIELDS:
         array = getattr(loaded, name)
-        assert type(array) is np.ndarray and isinstance(array.base, np.memmap), name
+        assert type(array) is np.ndarray, name
+        assert isinstance(array.base, np.memmap), name
         assert not array.flags.writeable, name
     for name, array in zip(PART_FILES, part_arrays(loaded), strict=True):
-        assert type(array) is np.ndarray and isinstance(array.base, np.memmap), name
+        assert type(array) is np.ndarray, name
+        assert isinstance(array.base, np.memmap), name
         assert not array.flags.writeable, name
 
 
