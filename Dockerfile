@@ -13,11 +13,6 @@ COPY models ./models
 COPY rules ./rules
 # Not editable: the package, its sample data and default policy are copied into the venv.
 RUN /opt/venv/bin/pip install .
-# The compiled rule loops (numba), built once here into the venv's __pycache__: the runtime
-# user cannot write there, and a worker then loads them instead of compiling at start-up.
-# (On a CPU other than the build machine's, numba compiles again into ~/.cache, writable.)
-RUN OPENBLAS_NUM_THREADS=1 /opt/venv/bin/python -c \
-    "import rules.constraints, rules.ranking, models.calibration; from rules.compiled import warm_up; warm_up()"
 
 FROM python:3.11-slim AS runtime
 # OpenBLAS threads: one per worker; several workers on few cores must not oversubscribe.
@@ -30,7 +25,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     UPSELL_PORT=8000 \
     UPSELL_STATE_DIR=/var/lib/upsell/state \
     UPSELL_ARTIFACTS_DIR=/var/lib/upsell/artifacts \
-    UPSELL_DATA_DIR=/var/lib/upsell/data
+    UPSELL_DATA_DIR=/var/lib/upsell/data \
+    NUMBA_CACHE_DIR=/var/lib/upsell/numba-cache
 # A system user owning only its data directories (the code in /opt/venv stays root's, read-only
 # to it). The directories exist in the image so that a named volume mounted on one starts out
 # owned by that user.
@@ -39,6 +35,11 @@ RUN useradd --system --uid 10001 --home-dir /var/lib/upsell --create-home upsell
  && chown -R upsell:upsell /var/lib/upsell
 COPY --from=build /opt/venv /opt/venv
 USER upsell
+# The compiled rule loops (numba), built into the image in a cache the runtime user owns
+# (numba uses only a cache directory it can write): workers load them instead of compiling
+# at start-up; on a CPU unlike the build machine's, numba compiles again into the same place.
+RUN python -c "import rules.constraints, rules.ranking, models.calibration; \
+from rules.compiled import warm_up; warm_up()"
 WORKDIR /var/lib/upsell
 EXPOSE 8000
 # Liveness on the port the service binds (UPSELL_PORT, read by Python: exec form expands no

@@ -121,6 +121,10 @@ def test_the_dockerfile_is_multi_stage_slim_non_root_with_a_healthcheck(
     assert len(runtime.all("HEALTHCHECK")) == 1
     assert any(argument.startswith("--from=build") for argument in runtime.all("COPY"))
     assert not runtime.all("ADD")
+    # numba only uses a cache it can write: the loops are compiled into the image as the
+    # runtime user, into a directory it owns, so that workers load rather than compile.
+    assert env_of(runtime)["NUMBA_CACHE_DIR"].startswith("/var/lib/upsell/")
+    assert any("warm_up()" in argument for argument in runtime.all("RUN")), "no warm-up RUN"
 
 
 def test_the_copied_paths_alone_build_a_wheel_with_the_sample_and_policies(
@@ -193,6 +197,9 @@ def served_with_image_env(stages: dict[str, Stage], tmp_path: Path, port: int) -
     env.update({name: value for name, value in image_env.items() if name != "PATH"})
     for name in ("UPSELL_STATE_DIR", "UPSELL_ARTIFACTS_DIR", "UPSELL_DATA_DIR"):
         env[name] = str(tmp_path / Path(image_env[name]).name)
+    # The image's compiled-loop cache is filled at build time; here the checkout's own
+    # (warm) cache serves, rather than a cold one compiled again for every test.
+    env.pop("NUMBA_CACHE_DIR", None)
     env.update(UPSELL_PORT=str(port), UPSELL_LOG_LEVEL="error")
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     return env
