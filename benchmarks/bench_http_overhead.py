@@ -21,7 +21,6 @@ run to run, so compare variants of one run, and repeat (``--rounds``) before tru
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import secrets
@@ -32,20 +31,18 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from importlib import resources
 from pathlib import Path
 from typing import Any, Final
 
-import yaml
 from bench_load import (
-    SCOPES,
     channel_bodies,
     free_port,
+    published_sample,
     redis_server,
     require_wrk,
     run_wrk,
     service,
-    upsell,
+    write_bench_key,
 )
 
 # Each variant: environment overrides on top of the full set-up, and the key's rate limit
@@ -137,22 +134,7 @@ def main() -> None:
         (root / "redis").mkdir()
         token = secrets.token_urlsafe(24)
         with redis_server(root / "redis") as redis_url:
-            env = {key: value for key, value in os.environ.items() if not key.startswith("UPSELL_")}
-            env.update(
-                OPENBLAS_NUM_THREADS="1",
-                UPSELL_REDIS_URL=redis_url,
-                UPSELL_REDIS_PREFIX="bench",
-                UPSELL_STATE_DIR=str(root / "state"),
-                UPSELL_ARTIFACTS_DIR=str(root / "artifacts"),
-                UPSELL_DATA_DIR=str(root / "data"),
-                UPSELL_LOG_LEVEL="warning",
-                UPSELL_AUTH="keys",
-            )
-            data_dir = root / "data" / "online-retail-sample"
-            sample = resources.files("models").joinpath("sample/online_retail_sample.parquet")
-            upsell(env, "import", "online-retail", str(sample), "--out", str(data_dir))
-            upsell(env, "train", "--orders", str(data_dir))
-            upsell(env, "snapshot", "publish", str(data_dir))
+            env, data_dir = published_sample(root, redis_url)
             bodies = channel_bodies(data_dir / "orders.parquet", "cart", 2_000, seed=11)
             bodies_file = root / "bodies_cart.jsonl"
             bodies_file.write_text("\n".join(bodies) + "\n")
@@ -160,14 +142,9 @@ def main() -> None:
             results: dict[str, dict[str, list[dict[str, Any]]]] = {}
             for name in chosen:
                 overrides, limit = VARIANTS[name]
-                keys_file = root / f"keys_{name}.yaml"
-                entry: dict[str, Any] = {
-                    "name": "bench",
-                    "sha256": hashlib.sha256(token.encode()).hexdigest(),
-                    "scopes": SCOPES,
-                }
-                entry["rate_limit"] = limit or {"per_second": 0, "burst": 1}
-                keys_file.write_text(yaml.safe_dump({"keys": [entry]}))
+                keys_file = write_bench_key(
+                    root / f"keys_{name}.yaml", token, limit or {"per_second": 0, "burst": 1}
+                )
                 metrics_dir = root / f"metrics_{name}"
                 metrics_dir.mkdir()
                 variant_env = {

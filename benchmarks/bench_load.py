@@ -145,6 +145,41 @@ def redis_server(workdir: Path) -> Iterator[str]:
         stop(process)
 
 
+def write_bench_key(path: Path, token: str, rate_limit: dict[str, int]) -> Path:
+    """A keys file holding the hash of ``token``: one bench key with every scope."""
+    entry = {
+        "name": "bench",
+        "sha256": hashlib.sha256(token.encode()).hexdigest(),
+        "scopes": SCOPES,
+        "rate_limit": rate_limit,
+    }
+    path.write_text(yaml.safe_dump({"keys": [entry]}))
+    return path
+
+
+def published_sample(root: Path, redis_url: str) -> tuple[dict[str, str], Path]:
+    """The service's environment on ``redis_url`` (auth by API key, its directories under
+    ``root``; no keys file yet), once the bundled Online Retail sample is imported, trained
+    and published with the ``upsell`` verbs: (that environment, the sample's data dir)."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("UPSELL_")}
+    env.update(
+        OPENBLAS_NUM_THREADS="1",
+        UPSELL_REDIS_URL=redis_url,
+        UPSELL_REDIS_PREFIX="bench",
+        UPSELL_STATE_DIR=str(root / "state"),
+        UPSELL_ARTIFACTS_DIR=str(root / "artifacts"),
+        UPSELL_DATA_DIR=str(root / "data"),
+        UPSELL_LOG_LEVEL="warning",
+        UPSELL_AUTH="keys",
+    )
+    data_dir = root / "data" / "online-retail-sample"
+    sample = resources.files("models").joinpath("sample/online_retail_sample.parquet")
+    upsell(env, "import", "online-retail", str(sample), "--out", str(data_dir))
+    upsell(env, "train", "--orders", str(data_dir))
+    upsell(env, "snapshot", "publish", str(data_dir))
+    return env, data_dir
+
+
 def upsell(env: dict[str, str], *verb: str) -> None:
     """One ``upsell`` CLI verb, as demo.sh runs them; its one-line summary is printed."""
     print(f"$ upsell {' '.join(verb)}", flush=True)
@@ -326,39 +361,12 @@ def main() -> None:
         root = Path(temp)
         (root / "redis").mkdir()
         token = secrets.token_urlsafe(24)
-        keys_file = root / "api_keys.yaml"
-        keys_file.write_text(
-            yaml.safe_dump(
-                {
-                    "keys": [
-                        {
-                            "name": "bench",
-                            "sha256": hashlib.sha256(token.encode()).hexdigest(),
-                            "scopes": SCOPES,
-                            "rate_limit": {"per_second": 100_000, "burst": 100_000},
-                        }
-                    ]
-                }
-            )
+        keys_file = write_bench_key(
+            root / "api_keys.yaml", token, {"per_second": 100_000, "burst": 100_000}
         )
         with redis_server(root / "redis") as redis_url:
-            env = {key: value for key, value in os.environ.items() if not key.startswith("UPSELL_")}
-            env.update(
-                OPENBLAS_NUM_THREADS="1",
-                UPSELL_REDIS_URL=redis_url,
-                UPSELL_REDIS_PREFIX="bench",
-                UPSELL_STATE_DIR=str(root / "state"),
-                UPSELL_ARTIFACTS_DIR=str(root / "artifacts"),
-                UPSELL_DATA_DIR=str(root / "data"),
-                UPSELL_LOG_LEVEL="warning",
-                UPSELL_AUTH="keys",
-                UPSELL_API_KEYS_FILE=str(keys_file),
-            )
-            data_dir = root / "data" / "online-retail-sample"
-            sample = resources.files("models").joinpath("sample/online_retail_sample.parquet")
-            upsell(env, "import", "online-retail", str(sample), "--out", str(data_dir))
-            upsell(env, "train", "--orders", str(data_dir))
-            upsell(env, "snapshot", "publish", str(data_dir))
+            env, data_dir = published_sample(root, redis_url)
+            env["UPSELL_API_KEYS_FILE"] = str(keys_file)
 
             bodies_files: dict[str, Path] = {}
             probes: dict[str, Any] = {}

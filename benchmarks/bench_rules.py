@@ -45,7 +45,7 @@ from sklearn.isotonic import IsotonicRegression
 from models.calibration import AcceptanceCalibration, Curve
 from models.data.contract import validate_table
 from models.data.schema import ITEMS, NODES
-from models.interfaces import Kind
+from models.interfaces import USES_HISTORY, Kind
 from rules.catalog import Catalog, catalog_from_items, node_table_from_nodes
 from rules.compiled import warm_up
 from rules.constraints import (
@@ -69,10 +69,6 @@ from rules.ranking import RankingInputs, rank, score
 RESULTS = Path(__file__).resolve().parent / "results" / "rules.json"
 SKUS, CATEGORIES, CANDIDATES, NODE_COUNT, LIMIT, POOL = 100_000, 200, 500, 16, 10, 256
 NOW = datetime(2024, 6, 1)
-# Per kind value: proposed from the customer's own history. A table lookup, because np.isin
-# over a few kinds costs more than all the item-master rules together.
-USES_HISTORY = np.zeros(max(Kind) + 1, dtype=np.bool_)
-USES_HISTORY[[Kind.PERSONAL, Kind.REPLENISH]] = True
 STAGES = ("facts + master rules", "stock prep + basket nodes", "node choice + stock rules",
           "p(accept) + inputs + score", "rank")  # fmt: skip
 

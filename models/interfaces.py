@@ -32,6 +32,14 @@ class Kind(IntEnum):
         return self.name.lower()
 
 
+# Per kind value: proposed from the customer's own purchase history, so shown only with
+# consent. A table to index with an array of kinds: np.isin over a few kinds costs more
+# than several rules together.
+USES_HISTORY = np.zeros(max(Kind) + 1, dtype=np.bool_)
+USES_HISTORY[[Kind.PERSONAL, Kind.REPLENISH]] = True
+USES_HISTORY.flags.writeable = False
+
+
 @dataclass(frozen=True)
 class NeighbourTable:
     """Top-``k`` related items per row as dense padded arrays: a fancy-index away at request

@@ -246,22 +246,8 @@ class CandidateFacts:
         )
 
     def with_fulfilment_cost(self, cost: FloatArray) -> CandidateFacts:
-        # Spelled out: dataclasses.replace costs more than the rules it sits between.
-        return CandidateFacts(
-            catalog_pos=self.catalog_pos,
-            category_code=self.category_code,
-            uses_history=self.uses_history,
-            age_restricted=self.age_restricted,
-            excluded_vendor=self.excluded_vendor,
-            ship_to_home=self.ship_to_home,
-            effective_price=self.effective_price,
-            unit_margin=self.unit_margin,
-            return_rate=self.return_rate,
-            margin_floor=self.margin_floor,
-            available=self.available,
-            inbound=self.inbound,
-            ranged_at_store=self.ranged_at_store,
-            fulfilment_cost=cost,
+        return self._with_stock_arrays(
+            self.available, self.inbound, self.ranged_at_store, fulfilment_cost=cost
         )
 
     def with_stock(
@@ -304,6 +290,20 @@ class CandidateFacts:
         inbound[rows] = judged.inbound
         ranged_at_store[rows] = judged.ranged_at_store
         fulfilment_cost[rows] = judged.fulfilment_cost
+        return self._with_stock_arrays(
+            available, inbound, ranged_at_store, fulfilment_cost=fulfilment_cost
+        )
+
+    def _with_stock_arrays(
+        self,
+        available: IntArray,
+        inbound: IntArray,
+        ranged_at_store: BoolArray,
+        *,
+        fulfilment_cost: FloatArray,
+    ) -> CandidateFacts:
+        """The same candidates with other stock arrays and costs. Spelled out:
+        dataclasses.replace costs more than the rules it sits between."""
         return CandidateFacts(
             catalog_pos=self.catalog_pos,
             category_code=self.category_code,
@@ -783,23 +783,23 @@ def with_fulfilment(
 
 
 def _warm_up() -> None:
-    # The argument types requests use: the store's C-order reads, and slices of the
-    # slices of the available units (survivors, then basket lines).
+    # The argument types requests use: row-major stock as the store reads it (its row
+    # slices, the survivors then the basket lines, are row-major too).
     units = available_units(
         np.zeros((3, 2), dtype=np.int64), np.zeros((3, 2), dtype=np.int64), np.ones((3, 2), bool)
     )
-    for part in (units, units[:2], units[2:]):
-        _basket_nodes(part, np.ones(len(part), dtype=np.int64), np.zeros(2), np.zeros(2, bool))
-        for charge_splits in (False, True):
-            _choose_nodes(
-                part,
-                1,
-                np.ones(2, dtype=np.bool_),
-                np.zeros(2),
-                charge_splits,
-                np.empty(len(part), dtype=np.int64),
-                np.empty(len(part)),
-            )
+    quantities = np.ones(len(units), dtype=np.int64)
+    _basket_nodes(units, quantities, np.zeros(2), np.zeros(2, dtype=np.bool_))
+    for charge_splits in (False, True):
+        _choose_nodes(
+            units,
+            1,
+            np.ones(2, dtype=np.bool_),
+            np.zeros(2),
+            charge_splits,
+            np.empty(len(units), dtype=np.int64),
+            np.empty(len(units)),
+        )
     _mask_home_delivery(units.copy(), np.zeros(3, bool), np.zeros(2, bool))
     _mark_dropped(np.zeros(2, dtype=np.int8), np.zeros(2, dtype=np.bool_), 1)
     _none_of(np.zeros(2, dtype=np.int64), np.zeros(1, dtype=np.int64), np.empty(2, np.bool_))

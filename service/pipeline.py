@@ -25,6 +25,7 @@ import structlog
 
 from models.calibration import AcceptanceCalibration
 from models.interfaces import (
+    USES_HISTORY,
     CandidateGenerator,
     Candidates,
     GenerationContext,
@@ -71,10 +72,6 @@ _LEAD_REASON_BY_KIND: dict[Kind, ShowReason] = {
     Kind.REPLENISH: ShowReason.DUE_AGAIN,
     Kind.SUBSTITUTE: ShowReason.REPLACES_UNAVAILABLE,
 }
-# Per kind value: proposed from the customer's own purchase history (shown only with
-# consent). A table lookup: np.isin over a few kinds costs more than several rules together.
-_USES_HISTORY = np.zeros(max(Kind) + 1, dtype=np.bool_)
-_USES_HISTORY[[Kind.PERSONAL.value, Kind.REPLENISH.value]] = True
 
 
 @dataclass(frozen=True)
@@ -468,7 +465,7 @@ class Recommender:
             catalog,
             compiled,
             catalog_pos,
-            uses_history=_USES_HISTORY[candidates.kind],
+            uses_history=USES_HISTORY[candidates.kind],
             channel=request.channel,
             now=request.now,
         )
