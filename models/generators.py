@@ -42,6 +42,8 @@ import numpy.typing as npt
 import polars as pl
 
 from models.candidates import (
+    NEIGHBOUR_SCORE_AS_IS,
+    NEIGHBOUR_SCORE_LIFT,
     AlsGenerator,
     HybridGenerator,
     ItemItemGenerator,
@@ -50,8 +52,8 @@ from models.candidates import (
     _best_positions,
     _candidates,
     _divide_by_max,
-    _sum_runs,
     empty_candidates,
+    merge_neighbour_rows,
 )
 from models.interfaces import (
     CandidateGenerator,
@@ -62,6 +64,7 @@ from models.interfaces import (
     NeighbourTable,
 )
 from rules.catalog import Catalog
+from rules.compiled import compiled, register_warm_up
 
 IntArray = npt.NDArray[np.int32]
 _MICROSECONDS_PER_DAY = 86_400_000_000
@@ -174,8 +177,7 @@ class _NeighbourTableGenerator:
         self._table = table
         self._n_items = n_items
 
-    def _per_anchor_scores(self, raw: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
-        return raw.astype(np.float64)
+    _score_kind = NEIGHBOUR_SCORE_AS_IS  # how a table score becomes per-anchor evidence
 
     def generate(
         self,
@@ -188,19 +190,13 @@ class _NeighbourTableGenerator:
         anchor_rows = _anchor_rows(anchors, self._n_items)
         if self._table is None or count <= 0 or anchor_rows.size == 0:
             return empty_candidates()
-        neighbour_idx = self._table.items[anchor_rows].ravel()
-        raw_scores = self._table.scores[anchor_rows].ravel()
-        filled = neighbour_idx >= 0
-        items, totals = _sum_runs(
-            neighbour_idx[filled], self._per_anchor_scores(raw_scores[filled])
-        )
         # The anchors are not candidates: the customer has them already.
-        keep = ~np.isin(items, anchor_rows) & (totals > 0)
-        items, totals = items[keep], totals[keep]
-        if items.size == 0:
-            return empty_candidates()
-        best = _best_positions(totals, count)
-        return _candidates(items[best], _divide_by_max(totals[best]), self.kind)
+        items, scores = merge_neighbour_rows(
+            self._table.items, self._table.scores, anchor_rows, count, self._score_kind, True
+        )
+        return Candidates(
+            item_idx=items, score=scores, kind=np.full(items.shape[0], self.kind, np.int8)
+        )
 
 
 class FactorItemItemGenerator(_NeighbourTableGenerator):
@@ -219,10 +215,8 @@ class BundleGenerator(_NeighbourTableGenerator):
     def __init__(self, artifacts: ModelArtifacts) -> None:
         super().__init__(artifacts.bundles, n_items=len(artifacts.item_skus), kind=Kind.BUNDLE)
 
-    def _per_anchor_scores(self, raw: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
-        # Lift is in (0, inf); only pairs above chance are evidence for a bundle.
-        lift = raw.astype(np.float64)
-        return np.maximum(1.0 - 1.0 / np.maximum(lift, 1e-12), 0.0)
+    # Lift is in (0, inf); only pairs above chance are evidence for a bundle.
+    _score_kind = NEIGHBOUR_SCORE_LIFT
 
 
 # -- upgrades ----------------------------------------------------------------------------
@@ -254,7 +248,7 @@ class UpgradeGenerator:
         self._price = facts.unit_price
         self._margin = facts.unit_price - facts.unit_cost
         priced = np.isfinite(self._price) & np.isfinite(self._margin)
-        self._category = np.where(priced, facts.category_code, -1)
+        self._category = np.where(priced, facts.category_code, -1).astype(np.int64)
         self._groups = _Groups.of(self._category, n_groups=len(facts.categories))
         self._min_similarity = min_similarity
         self._max_price_ratio = max_price_ratio
@@ -271,13 +265,15 @@ class UpgradeGenerator:
         anchor_rows = anchor_rows[self._category[anchor_rows] >= 0]
         if count <= 0 or anchor_rows.size == 0:
             return empty_candidates()
-        owner, member = self._groups.gather(self._category[anchor_rows])
-        anchor = anchor_rows[owner]
-        dearer = self._price[member] > self._price[anchor]
-        within_reach = self._price[member] <= self._max_price_ratio * self._price[anchor]
-        richer = self._margin[member] > self._margin[anchor]
-        keep = dearer & within_reach & richer & ~np.isin(member, anchor_rows)
-        anchor, member = anchor[keep], member[keep]
+        anchor, member = _upgrade_pairs(
+            anchor_rows,
+            self._category,
+            self._groups.indptr,
+            self._groups.members,
+            self._price,
+            self._margin,
+            self._max_price_ratio,
+        )
         if member.size == 0:
             return empty_candidates()
         # Cosine over the surviving pairs only: one row-wise dot product per pair.
@@ -294,6 +290,60 @@ class UpgradeGenerator:
             return empty_candidates()
         best = _best_positions(best_similarity, count)
         return _candidates(items[best], np.clip(best_similarity[best], 0.0, 1.0), self.kind)
+
+
+@compiled
+def _upgrade_pairs(  # noqa: PLR0917 (a compiled loop: no keyword-only arguments)
+    anchor_rows: npt.NDArray[np.int64],
+    category: npt.NDArray[np.integer],
+    indptr: npt.NDArray[np.int64],
+    members: npt.NDArray[np.int64],
+    price: npt.NDArray[np.floating],
+    margin: npt.NDArray[np.floating],
+    max_price_ratio: float,
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """(anchor, member) pairs, anchor by anchor (sorted, each of a category), members in item
+    order, where the member is of the anchor's category, dearer (at most ``max_price_ratio``
+    times), earns more per unit, and is no anchor itself."""
+    total = 0
+    for anchor in anchor_rows:
+        code = category[anchor]
+        total += indptr[code + 1] - indptr[code]
+    pair_anchor = np.empty(total, dtype=np.int64)
+    pair_member = np.empty(total, dtype=np.int64)
+    pairs = 0
+    for anchor in anchor_rows:
+        code = category[anchor]
+        reach = max_price_ratio * price[anchor]
+        for at in range(indptr[code], indptr[code + 1]):
+            member = members[at]
+            if not (price[member] > price[anchor] and price[member] <= reach):
+                continue
+            if not margin[member] > margin[anchor]:
+                continue
+            found = np.searchsorted(anchor_rows, member)
+            if found < anchor_rows.shape[0] and anchor_rows[found] == member:
+                continue
+            pair_anchor[pairs] = anchor
+            pair_member[pairs] = member
+            pairs += 1
+    return pair_anchor[:pairs], pair_member[:pairs]
+
+
+def _warm_up_upgrades() -> None:
+    prices = np.array([1.0, 2.0, 2.5])
+    _upgrade_pairs(
+        np.array([0], dtype=np.int64),
+        np.array([0, 0, -1], dtype=np.int64),
+        np.array([0, 2], dtype=np.int64),
+        np.array([0, 1], dtype=np.int64),
+        prices,
+        prices / 2,
+        3.0,
+    )
+
+
+register_warm_up(_warm_up_upgrades)
 
 
 # -- replenishment -----------------------------------------------------------------------

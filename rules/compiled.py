@@ -20,7 +20,7 @@ from typing import Any, TypeVar, cast
 
 import numba
 
-__all__ = ["compiled", "warm_up"]
+__all__ = ["compiled", "compiled_inline", "register_warm_up", "warm_up"]
 
 _Function = TypeVar("_Function", bound=Callable[..., Any])
 _WARM_UPS: list[Callable[[], object]] = []
@@ -29,6 +29,12 @@ _WARM_UPS: list[Callable[[], object]] = []
 def compiled(function: _Function) -> _Function:
     """``function`` compiled (lazily, on first call; cached on disk), same signature."""
     return cast(_Function, numba.njit(cache=True, nogil=True)(function))
+
+
+def compiled_inline(function: _Function) -> _Function:
+    """``compiled``, and inlined into the compiled loops that call it: for a small step called
+    once per run or row, where a call costs as much as the step."""
+    return cast(_Function, numba.njit(cache=True, nogil=True, inline="always")(function))
 
 
 def register_warm_up(run: Callable[[], object]) -> None:
