@@ -14,6 +14,7 @@ the same way, up to the policy's ``max_candidate_pool``.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -62,6 +63,10 @@ from service.store.base import SnapshotStore
 log = structlog.get_logger(__name__)
 
 IntArray = npt.NDArray[np.int64]
+
+# Rule codes by ``DropReason`` value (the values are 0, 1, 2, ...: counted by bincount).
+_DROP_CODES: tuple[str, ...] = tuple(reason.code for reason in sorted(DropReason))
+assert [reason.value for reason in sorted(DropReason)] == list(range(len(_DROP_CODES)))
 
 _LEAD_REASON_BY_KIND: dict[Kind, ShowReason] = {
     Kind.CROSS_SELL: ShowReason.BOUGHT_TOGETHER,
@@ -280,18 +285,19 @@ class Recommender:
             categories=_unmodelled_categories(serving, excluded_pos),
         )
         rounds: list[_Judged] = []
-        seen: IntArray = np.empty(0, dtype=np.int64)
         pool = policy.candidate_pool
         while True:
             candidates = generator.generate(
                 anchors=anchors, user_row=user_row, count=pool, context=context
             )
-            fresh = ~np.isin(candidates.item_idx, seen)
-            seen = np.union1d(seen, candidates.item_idx)
+            generated = len(candidates)
             first_round = not rounds
+            if not first_round:  # a bigger pool: only what no round has judged yet
+                seen = np.concatenate([judged.item_idx for judged in rounds])
+                candidates = _subset(candidates, ~np.isin(candidates.item_idx, seen))
             judged, request, basket_covered = await self._judge(
                 serving,
-                _subset(candidates, fresh),
+                candidates,
                 request=request,
                 nodes=nodes,
                 basket_pos=excluded_pos if first_round else None,
@@ -310,11 +316,10 @@ class Recommender:
                 rounds.append(judged)
                 if substitutes is not None:
                     rounds.append(substitutes)
-                    seen = np.union1d(seen, substitutes.item_idx)
             else:
                 rounds.append(judged)
             kept_so_far = sum(int((r.drop_reason == KEPT).sum()) for r in rounds)
-            exhausted = len(candidates) < pool or pool >= policy.max_candidate_pool
+            exhausted = generated < pool or pool >= policy.max_candidate_pool
             if kept_so_far >= query.limit or exhausted:
                 break
             pool = min(pool * 4, policy.max_candidate_pool)
@@ -326,26 +331,41 @@ class Recommender:
         # Explanation and response. The PDP item is the anchor when there is one (it is asked
         # last), else the last basket line.
         anchor_pos = int(excluded_pos[-1]) if len(excluded_pos) else None
-        explanation_requests: list[ExplanationRequest] = []
         shown = kept[order]
         shown_pos = all_judged.catalog_pos[shown]
-        on_promotion = catalog.on_promotion(shown_pos, now=now)
-        items = []
-        for rank_index, row in enumerate(shown):
-            pos = int(all_judged.catalog_pos[row])
-            column = int(all_judged.node_column[row])
-            kind = Kind(int(all_judged.kind[row]))
-            reasons = [_LEAD_REASON_BY_KIND[kind]]
-            reasons.append(
+        on_promotion = catalog.on_promotion(shown_pos, now=now).tolist()
+        facts = all_judged.facts
+        # Columns as Python lists once: per-item numpy scalar reads and float() calls cost
+        # more than the rest of building the response.
+        positions = shown_pos.tolist()
+        columns = all_judged.node_column[shown].tolist()
+        kinds = all_judged.kind[shown].tolist()
+        own_anchors = all_judged.anchor_pos[shown].tolist()  # a substitute names what it replaces
+        prices = facts.effective_price[shown].tolist()
+        margins = facts.unit_margin[shown].tolist()
+        fulfilment = facts.fulfilment_cost[shown].tolist()
+        relevance = all_judged.relevance[shown].tolist()
+        finals = parts.final[order].tolist()
+        p_accepts = p_accept[order].tolist()
+        return_costs = parts.return_cost[order].tolist()
+        contributions = parts.contribution[order].tolist()
+        margin_weights = parts.margin_weight[order].tolist()
+        node_ids = serving.nodes.node_ids
+        explanation_requests: list[ExplanationRequest] = []
+        reasons_by_item: list[tuple[ShowReason, ...]] = []
+        for rank_index, pos in enumerate(positions):
+            column = columns[rank_index]
+            kind = Kind(kinds[rank_index])
+            reasons = (
+                _LEAD_REASON_BY_KIND[kind],
                 ShowReason.IN_STOCK_AT_STORE
                 if nodes.take_home[column]
-                else ShowReason.IN_STOCK_TO_SHIP
+                else ShowReason.IN_STOCK_TO_SHIP,
+                *((ShowReason.ON_PROMOTION,) if on_promotion[rank_index] else ()),
+                ShowReason.MARGIN_FLOOR_MET,
             )
-            if on_promotion[rank_index]:
-                reasons.append(ShowReason.ON_PROMOTION)
-            reasons.append(ShowReason.MARGIN_FLOOR_MET)
-            at = order[rank_index]
-            own_anchor = int(all_judged.anchor_pos[row])  # a substitute names what it replaces
+            reasons_by_item.append(reasons)
+            own_anchor = own_anchors[rank_index]
             explanation_requests.append(
                 explanation_request(
                     catalog,
@@ -355,53 +375,74 @@ class Recommender:
                     channel=query.channel,
                     locale=query.locale,
                     reasons=reasons,
-                    price=float(all_judged.facts.effective_price[row]),
-                )
-            )
-            items.append(
-                RecommendedItem(
-                    sku=catalog.skus[pos],
-                    name=catalog.names[pos],
-                    kind=kind.wire,
-                    score=round(float(parts.final[at]), 6),
-                    unit_price=round(float(all_judged.facts.effective_price[row]), 4),
-                    unit_margin=round(float(all_judged.facts.unit_margin[row]), 4),
-                    fulfillment_node=serving.nodes.node_ids[int(nodes.positions[column])],
-                    reason_codes=tuple(reason.value for reason in reasons),
-                    explanation="",  # filled in below, for all items at once
-                    explanation_source="template",
-                    category=catalog.categories[int(catalog.category_code[pos])],
-                    score_parts=ScoreTrace(
-                        relevance=round(float(all_judged.relevance[row]), 6),
-                        p_accept=round(float(p_accept[at]), 6),
-                        unit_margin=round(float(all_judged.facts.unit_margin[row]), 4),
-                        return_cost=round(float(parts.return_cost[at]), 4),
-                        fulfilment_cost=round(float(all_judged.facts.fulfilment_cost[row]), 4),
-                        contribution=round(float(parts.contribution[at]), 6),
-                        margin_weight=float(parts.margin_weight[at]),
-                        final=round(float(parts.final[at]), 6),
-                    ),
+                    price=prices[rank_index],
                 )
             )
 
         holdout = assignment is not None and assignment.shows_nothing
-        if not holdout:  # text nobody will read is not worth an LLM call
-            explanations = await self._explainer.explain(explanation_requests, deadline=deadline)
-            items = [
-                replace(item, explanation=explanation.text, explanation_source=explanation.source)
-                for item, explanation in zip(items, explanations, strict=True)
-            ]
+        # Text nobody will read is not worth an LLM call.
+        explanations = (
+            await self._explainer.explain(explanation_requests, deadline=deadline)
+            if not holdout
+            else [None] * len(positions)
+        )
+        items = []
+        for rank_index, (pos, explanation) in enumerate(zip(positions, explanations, strict=True)):
+            final = round(finals[rank_index], 6)
+            unit_margin = round(margins[rank_index], 4)
+            items.append(
+                RecommendedItem(
+                    sku=catalog.skus[pos],
+                    name=catalog.names[pos],
+                    kind=Kind(kinds[rank_index]).wire,
+                    score=final,
+                    unit_price=round(prices[rank_index], 4),
+                    unit_margin=unit_margin,
+                    fulfillment_node=node_ids[int(nodes.positions[columns[rank_index]])],
+                    reason_codes=tuple(reason.value for reason in reasons_by_item[rank_index]),
+                    explanation=explanation.text if explanation is not None else "",
+                    explanation_source=(
+                        explanation.source if explanation is not None else "template"
+                    ),
+                    category=catalog.categories[int(catalog.category_code[pos])],
+                    score_parts=ScoreTrace(
+                        relevance=round(relevance[rank_index], 6),
+                        p_accept=round(p_accepts[rank_index], 6),
+                        unit_margin=unit_margin,
+                        return_cost=round(return_costs[rank_index], 4),
+                        fulfilment_cost=round(fulfilment[rank_index], 4),
+                        contribution=round(contributions[rank_index], 6),
+                        margin_weight=margin_weights[rank_index],
+                        final=final,
+                    ),
+                )
+            )
 
         dropped_rows = np.flatnonzero(all_judged.drop_reason != KEPT)
-        dropped_skus = self._model_skus[all_judged.item_idx[dropped_rows]]
         dropped_reason = all_judged.drop_reason[dropped_rows]
-        dropped_skus_by_rule = {
-            reason.code: skus.tolist()
-            for reason in DropReason
-            if (skus := dropped_skus[dropped_reason == reason.value]).size
+        dropped_by_rule = {
+            _DROP_CODES[reason]: dropped
+            for reason, dropped in enumerate(
+                np.bincount(dropped_reason, minlength=len(_DROP_CODES)).tolist()
+            )
+            if dropped
         }
-        dropped_by_rule = {rule: len(skus) for rule, skus in dropped_skus_by_rule.items()}
-        # Per-candidate records only for a debug trace: most requests need the counts alone.
+        # SKUs per rule for the decision line (when it is written) and per-candidate records
+        # for a debug trace: most requests need the counts alone.
+        dropped_skus = (
+            self._model_skus[all_judged.item_idx[dropped_rows]]
+            if query.debug or log.is_enabled_for(logging.INFO)
+            else None
+        )
+        dropped_skus_by_rule = (
+            {
+                reason.code: skus.tolist()
+                for reason in DropReason
+                if (skus := dropped_skus[dropped_reason == reason.value]).size
+            }
+            if dropped_skus is not None
+            else None
+        )
         dropped = (
             tuple(
                 DroppedCandidate(
@@ -414,7 +455,7 @@ class Recommender:
                     strict=True,
                 )
             )
-            if query.debug
+            if query.debug and dropped_skus is not None
             else ()
         )
         # A holdout arm answers nothing; what it would have shown is kept for the record.
@@ -436,9 +477,10 @@ class Recommender:
             experiment=assignment,
             withheld=withheld,
         )
-        self._log_decision(
-            query, result, dropped_skus=dropped_skus_by_rule, personalized=user_row is not None
-        )
+        if dropped_skus_by_rule is not None:
+            self._log_decision(
+                query, result, dropped_skus=dropped_skus_by_rule, personalized=user_row is not None
+            )
         if self._exposures is not None:
             self._exposures.record(query, result, now=now)
         return result

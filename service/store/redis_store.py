@@ -130,7 +130,6 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 import numpy as np
-import numpy.typing as npt
 import polars as pl
 import redis.asyncio
 import structlog
@@ -163,6 +162,7 @@ from service.store.deltas import (
     decode_log_payload,
     encode_log_payload,
 )
+from service.store.stock_cells import parse_stock_cells
 
 __all__ = ["AnyRedis", "RedisSnapshotStore"]
 
@@ -1269,7 +1269,7 @@ def _stock_matrix(
     """Script replies (per node, its values for ``skus`` joined by NUL; empty = not ranged) as
     StockMatrix arrays.
 
-    All replies are parsed together by numpy (_parse_cells), with no Python object per cell.
+    All replies are parsed together in one compiled pass (``parse_stock_cells``).
     Only replies that fail to parse are looked at cell by cell, to name the key and SKU.
     """
     sku_count, node_count = len(skus), len(node_ids)
@@ -1279,7 +1279,7 @@ def _stock_matrix(
     if sku_count and node_count:
         # Node-major, every cell followed by a NUL.
         packed = _SEPARATOR.join(replies) + _SEPARATOR
-        parsed = _parse_cells(packed, node_count * sku_count, base_as_of_us=base_as_of_us)
+        parsed = parse_stock_cells(packed, node_count * sku_count, base_as_of_us=base_as_of_us)
         if parsed is None:
             raise _undecodable_stock(skus, replies, stock_keys)
         values, ranged = parsed
@@ -1295,73 +1295,6 @@ def _stock_matrix(
     )
 
 
-_DIGITS: Final = np.isin(np.arange(256), list(b"0123456789"))  # indexed by byte
-_BLANK: Final = ord(" ")
-_COMMA: Final = ord(",")
-
-
-def _parse_cells(
-    packed: bytes, cell_count: int, *, base_as_of_us: int
-) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.bool_]] | None:
-    """Stock cells, each followed by a NUL, as (cell_count, 4) figures (atp, safety stock,
-    inbound, as_of_us) and whether each cell is ranged, without a Python object per cell.
-
-    A cell is empty (not ranged) or ``atp,safety_stock,inbound[,as_of_us[,delta_id]]``
-    (no as_of_us: ``base_as_of_us``). Reading does not need the delta id: it is blanked out,
-    the NULs become separators, and numpy parses every number in one call. None when there
-    are not ``cell_count`` cells or one is malformed: not 3-5 fields, or a number numpy
-    cannot read or that does not end in a digit (numpy alone would read an empty field or a
-    lone minus as 0). Like numpy, this takes a plus sign or blanks around a number.
-    """
-    text = np.frombuffer(packed, np.uint8)
-    ends = np.flatnonzero(text == 0)
-    if ends.size != cell_count:
-        return None
-    commas = np.flatnonzero(text == _COMMA)
-    commas_through = np.searchsorted(commas, ends)  # commas before each cell's end
-    per_cell = commas_through.copy()
-    per_cell[1:] -= commas_through[:-1]
-    ranged = np.concatenate(([0], ends[:-1] + 1)) != ends
-    if np.any(ranged & ((per_cell < 2) | (per_cell > 4))):
-        return None
-    with_id = per_cell == 4
-    # Every number ends in a digit: at a comma (delta ids hold none), or at the NUL of a
-    # cell without an id. A comma first in the text looks at the final NUL: not a digit.
-    if not (_DIGITS[text[commas - 1]].all() and _DIGITS[text[ends[ranged & ~with_id] - 1]].all()):
-        return None
-    values = np.zeros((cell_count, 4), np.int64)
-    values[:, 3] = base_as_of_us
-    if not ranged.any():
-        return values, ranged
-    buffer = text.copy()
-    if with_id.any():
-        # From the cell's last comma to its NUL; fromstring takes blanks between numbers.
-        id_starts = commas[commas_through[with_id] - 1]
-        lengths = ends[with_id] - id_starts
-        offsets = np.cumsum(lengths) - lengths
-        buffer[np.arange(int(lengths.sum())) + np.repeat(id_starts - offsets, lengths)] = _BLANK
-    buffer[ends] = np.where(ranged, _COMMA, _BLANK)  # an empty cell adds no separator
-    # Up to the last number: numpy reads a separator followed by blanks as one more number.
-    text_end = int(ends[ranged][-1])
-    try:
-        numbers = np.fromstring(buffer[:text_end].tobytes(), dtype=np.int64, sep=",")
-    except ValueError:  # text that is not a number, such as a minus inside one
-        return None
-    widths = np.where(with_id, 4, per_cell + 1) * ranged
-    if numbers.size != widths.sum():
-        return None
-    threes = widths == 3
-    if not threes.any():  # the usual cases: every ranged cell of one shape
-        values[ranged] = numbers.reshape(-1, 4)
-    elif np.array_equal(threes, ranged):
-        values[ranged, :3] = numbers.reshape(-1, 3)
-    else:
-        firsts = np.cumsum(widths) - widths
-        cells = np.repeat(np.arange(cell_count), widths)
-        values[cells, np.arange(numbers.size) - firsts[cells]] = numbers
-    return values, ranged
-
-
 def _undecodable_stock(
     skus: Sequence[str], replies: Sequence[bytes], stock_keys: Sequence[str]
 ) -> StoreError:
@@ -1370,7 +1303,7 @@ def _undecodable_stock(
         if len(cells) != len(skus):
             return StoreError(f"stock reply for {key} has {len(cells)} values for {len(skus)} SKUs")
         for sku, raw in zip(skus, cells, strict=True):
-            if raw and _parse_cells(raw + _SEPARATOR, 1, base_as_of_us=0) is None:
+            if raw and parse_stock_cells(raw + _SEPARATOR, 1, base_as_of_us=0) is None:
                 return StoreError(f"stock payload at {key} field {sku!r} does not decode: {raw!r}")
     return StoreError(f"stock payloads at {list(stock_keys)} do not decode")
 
