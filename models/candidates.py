@@ -433,12 +433,25 @@ def _stable_top(totals: npt.NDArray[np.float64], count: int) -> npt.NDArray[np.i
 
 @compiled
 def _group_by_item(item_idx: npt.NDArray[np.int32]) -> npt.NDArray[np.intp]:
-    """What a stable argsort of ``item_idx`` gives, in linear time plus a sort of the distinct
-    items: each entry's run found by a slot per item index, entries placed run by run."""
+    """What a stable argsort of ``item_idx`` (indexes >= 0) gives, in linear time: a counting
+    sort where the indexes are few for the entries, else each entry's run found by a slot
+    per item index, the distinct items sorted and the entries placed run by run."""
     size = item_idx.shape[0]
     highest = -1
     for at in range(size):
         highest = max(highest, item_idx[at])
+    if highest < 4 * size:  # few item indexes for the entries: a counting sort by index
+        starts = np.zeros(highest + 2, dtype=np.int64)
+        for at in range(size):
+            starts[item_idx[at] + 1] += 1
+        for item in range(highest + 1):
+            starts[item + 1] += starts[item]
+        counted = np.empty(size, dtype=np.intp)
+        for at in range(size):
+            item = item_idx[at]
+            counted[starts[item]] = at
+            starts[item] += 1
+        return counted
     slot = np.full(highest + 1, -1, dtype=np.int64)
     run_of = np.empty(size, dtype=np.int64)
     run_item = np.empty(size, dtype=np.int32)

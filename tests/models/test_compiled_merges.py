@@ -72,8 +72,9 @@ def test_merge_sources_equals_the_lexsort_form(seed: int) -> None:
 
 
 @pytest.mark.parametrize("seed", range(10))
-def test_group_by_item_is_a_stable_argsort(seed: int) -> None:
-    keys = np.random.default_rng(seed).integers(0, 50, size=500).astype(np.int32)
+@pytest.mark.parametrize("highest", [50, 100_000])  # a counting sort, and slots per run
+def test_group_by_item_is_a_stable_argsort(seed: int, highest: int) -> None:
+    keys = np.random.default_rng(seed).integers(0, highest, size=500).astype(np.int32)
     assert _group_by_item(keys).tolist() == np.argsort(keys, kind="stable").tolist()
 
 
