@@ -54,6 +54,7 @@ VARIANTS: dict[str, tuple[dict[str, str], dict[str, int] | None]] = {
     "no_rate_limit": ({}, None),
     "no_multiprocess_metrics": ({"PROMETHEUS_MULTIPROC_DIR": ""}, _LIMITED),
     "auth_off": ({"UPSELL_AUTH": "off"}, _LIMITED),
+    "stock_mirror": ({"UPSELL_STOCK_MIRROR": "true"}, _LIMITED),
 }
 
 

@@ -23,6 +23,7 @@ wrk runs on the same 2 cores as the workers and Redis: every figure is of the wh
 
     OPENBLAS_NUM_THREADS=1 .venv/bin/python benchmarks/bench_load.py [--duration 20]
         [--rate 500] [--workers 2] [--paced-connections 16] [--peak-connections 4]
+        [--stock-mirror on|off]
 
 Needs ``wrk`` (Debian package ``wrk``): installed with apt-get when run as root, else the
 script exits saying so. Not a test: run it by hand on a quiet machine (see ``uptime``).
@@ -351,6 +352,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="wrk threads")
     parser.add_argument("--paced-connections", type=int, default=16)
     parser.add_argument("--peak-connections", type=int, default=4, help="2 per core")
+    parser.add_argument(
+        "--stock-mirror",
+        choices=("on", "off"),
+        default="on",
+        help="UPSELL_STOCK_MIRROR: stock followed in each worker (on) or read per request (off)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     wrk = require_wrk()
@@ -367,6 +374,7 @@ def main() -> None:
         with redis_server(root / "redis") as redis_url:
             env, data_dir = published_sample(root, redis_url)
             env["UPSELL_API_KEYS_FILE"] = str(keys_file)
+            env["UPSELL_STOCK_MIRROR"] = "true" if args.stock_mirror == "on" else "false"
 
             bodies_files: dict[str, Path] = {}
             probes: dict[str, Any] = {}
@@ -460,6 +468,7 @@ def main() -> None:
                 [wrk, "-v"], capture_output=True, text=True, check=False
             ).stdout.split("\n")[0],
             "auth": "UPSELL_AUTH=keys, one bench key with every scope",
+            "stock_mirror": args.stock_mirror,
         },
         "probes": probed,
         "runs": runs,

@@ -58,7 +58,8 @@ from service.explain.explainer import TemplateExplainer
 from service.explain.requests import explanation_request
 from service.exposures import ExposureRecorder
 from service.mirror import ServingSnapshot, SnapshotMirror
-from service.store.base import SnapshotStore
+from service.stock_mirror import StockMirror
+from service.store.base import SnapshotStore, StockMatrix
 
 log = structlog.get_logger(__name__)
 
@@ -190,16 +191,19 @@ class Recommender:
         explainer: Explainer | None = None,
         channel_budgets: Mapping[Channel, float] | None = None,
         exposures: ExposureRecorder | None = None,
+        stock_mirror: StockMirror | None = None,
     ) -> None:
         """``generator`` overrides the policy's generator mix (the offline evaluation compares
         mixes); by default each snapshot's ``ServingSnapshot.generator`` proposes.
         ``channel_budgets``: server-side seconds per channel, explanation included, for a
         request whose caller gives no deadline; without them such a request gets no time for
         anything but the in-process cache and templates. ``exposures`` records every answer
-        for the ROI report (none offline)."""
+        for the ROI report (none offline). ``stock_mirror``: stock read in process while it
+        vouches for the figures (``service.stock_mirror``), else from the store."""
         self._explainer: Explainer = explainer or TemplateExplainer()
         self._channel_budgets = dict(channel_budgets or {})
         self._exposures = exposures
+        self._stock_mirror = stock_mirror
         self._mirror = mirror
         self._calibration = calibration
         self._store = store
@@ -697,10 +701,19 @@ class Recommender:
         if not shape[0] or not shape[1]:
             return unseen
         skus = tuple(map(serving.catalog.skus.__getitem__, catalog_pos.tolist()))
+        version = serving.meta.version
+        mirrored = self._stock_mirror
+        stock = (
+            mirrored.read(version, catalog_pos, nodes.positions, skus)
+            if mirrored is not None
+            else None
+        )
+        if stock is not None:
+            return self._trusted_stock(serving, stock, degraded, now=now)
         node_ids = serving.nodes.ids(nodes.positions)
         remembering = serving.policy.policy.stock.on_unavailable == "last_known"
         try:
-            stock = await self._store.read_stock(serving.meta.version, skus, node_ids)
+            stock = await self._store.read_stock(version, skus, node_ids)
         except StoreError as exc:
             log.warning("stock_read_failed", error=str(exc))
             if not remembering:
@@ -710,12 +723,24 @@ class Recommender:
                 "stock unavailable: last known figures used, nothing recommended on stock "
                 "this replica has not seen"
             )
-            stock = serving.last_known_stock.recall(
+            # The mirror's copy, however old, is all this replica last knew of the version.
+            stock = (
+                mirrored.read(version, catalog_pos, nodes.positions, skus, stale_ok=True)
+                if mirrored is not None
+                else None
+            ) or serving.last_known_stock.recall(
                 catalog_pos, nodes.positions, skus=skus, node_ids=node_ids
             )
         else:
             if remembering:
                 serving.last_known_stock.remember(catalog_pos, nodes.positions, stock)
+        return self._trusted_stock(serving, stock, degraded, now=now)
+
+    @staticmethod
+    def _trusted_stock(
+        serving: ServingSnapshot, stock: StockMatrix, degraded: list[str], *, now: datetime
+    ) -> tuple[IntArray, IntArray, npt.NDArray[np.bool_]]:
+        """Available, inbound and ranged of ``stock``, figures too old for the policy left out."""
         trusted = stock.ranged
         max_age = serving.policy.policy.stock.max_age_seconds
         if max_age is not None:

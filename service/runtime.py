@@ -33,6 +33,7 @@ from service.exposures import (
 from service.mirror import SnapshotMirror
 from service.pipeline import Recommender
 from service.settings import Settings
+from service.stock_mirror import StockMirror
 from service.store.base import SnapshotStore
 from service.store.factory import open_configured_store
 from service.store.redis_store import RedisSnapshotStore
@@ -51,6 +52,7 @@ class Runtime:
     not_ready_reason: str | None
     explainer: ManagedExplainer
     exposures: ExposureRecorder | None = None  # what every response showed, for the ROI report
+    stock_mirror: StockMirror | None = None  # UPSELL_STOCK_MIRROR: stock followed in process
     _stats_logger: asyncio.Task[None] | None = field(default=None, repr=False)
     _pseudonymizer: Pseudonymizer | None = field(default=None, repr=False)
 
@@ -102,6 +104,7 @@ class Runtime:
             capacity=settings.exposures_buffer,
         )
         exposures.start()
+        stock_mirror = open_stock_mirror(settings, store, mirror)
         recommender = Recommender(
             mirror=mirror,
             store=store,
@@ -112,6 +115,7 @@ class Runtime:
                 channel: channel_budget_seconds(settings, channel) for channel in CHANNELS
             },
             exposures=exposures,
+            stock_mirror=stock_mirror,
         )
         log.info(
             "service_started",
@@ -121,7 +125,16 @@ class Runtime:
             snapshot_version=mirror.loaded.meta.version if mirror.loaded else None,
         )
         runtime = cls(
-            settings, store, policy, artifacts, mirror, recommender, None, explainer, exposures
+            settings,
+            store,
+            policy,
+            artifacts,
+            mirror,
+            recommender,
+            None,
+            explainer,
+            exposures,
+            stock_mirror,
         )
         runtime._start_stats_logger()
         return runtime
@@ -175,6 +188,8 @@ class Runtime:
             self._stats_logger.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._stats_logger
+        if self.stock_mirror is not None:
+            await self.stock_mirror.close()
         try:
             await self.explainer.aclose()
         finally:
@@ -189,6 +204,29 @@ class Runtime:
             self._stats_logger = asyncio.create_task(
                 _log_stats_every(self.explainer, interval), name="explanation-stats-log"
             )
+
+
+def open_stock_mirror(
+    settings: Settings, store: SnapshotStore, snapshots: SnapshotMirror
+) -> StockMirror | None:
+    """The stock mirror UPSELL_STOCK_MIRROR asks for, following; None when off or when the
+    store cannot feed one (said once in the log: requests then read Redis, as without)."""
+    if not settings.stock_mirror:
+        return None
+    if not isinstance(store, RedisSnapshotStore) or not store.follows_stock_changes:
+        log.warning(
+            "stock_mirror_unavailable",
+            reason="UPSELL_STOCK_MIRROR needs a single Redis (UPSELL_REDIS_URL, not Cluster)",
+            effect="stock is read from the store per request",
+        )
+        return None
+    stock_mirror = StockMirror(
+        store=store,
+        snapshots=snapshots,
+        max_lag_seconds=settings.stock_mirror_max_lag_seconds,
+    )
+    stock_mirror.start()
+    return stock_mirror
 
 
 def explanation_redis_client(store: SnapshotStore) -> AnyRedis | None:

@@ -41,6 +41,18 @@ class Settings(BaseSettings):
     snapshot_refresh_seconds: float = Field(
         default=1.0, ge=0, description="How often a replica checks for a newer snapshot."
     )
+    stock_mirror: bool = Field(
+        default=False,
+        description="Keep the serving version's stock in each worker, followed from Redis's "
+        "change streams, instead of reading Redis per request (single Redis only; "
+        "docs/operations.md).",
+    )
+    stock_mirror_max_lag_seconds: float = Field(
+        default=1.0,
+        gt=0.25,
+        description="The stock mirror is used only while Redis answered its follower this "
+        "recently; otherwise requests read Redis.",
+    )
     host: str = Field(default="127.0.0.1", description="Address `upsell serve` binds.")
     port: int = Field(default=8000, ge=1, le=65535, description="Port `upsell serve` binds.")
     log_level: Literal["debug", "info", "warning", "error"] = Field(

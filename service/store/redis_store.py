@@ -164,7 +164,7 @@ from service.store.deltas import (
 )
 from service.store.stock_cells import parse_stock_cells
 
-__all__ = ["AnyRedis", "RedisSnapshotStore"]
+__all__ = ["STOCK_CHANGES_RETENTION_MS", "AnyRedis", "NodeCells", "RedisSnapshotStore"]
 
 AnyRedis = redis.asyncio.Redis | RedisCluster
 
@@ -180,6 +180,10 @@ _REPLAY_MARGIN_MS: Final = 3_600_000  # arrival (stream id) may precede as_of by
 # pointer within UPSELL_SNAPSHOT_REFRESH_SECONDS plus the time to load a master, and read
 # stock of the version they serve meanwhile.
 _LAGGING_REPLICA_GRACE_MS: Final = 60_000
+# Change streams (one per stock hash, what in-process mirrors follow) keep this much: a
+# mirror that was away longer loads the hashes again anyway.
+STOCK_CHANGES_RETENTION_MS: Final = 600_000
+_CHANGES_PER_READ: Final = 1_000
 _LEDGER_ENTRIES_PER_SCAN: Final = 1_000
 _KEYS_PER_SCAN: Final = 1_000
 _CACHED_VERSIONS: Final = 8
@@ -270,21 +274,27 @@ local function bytes_after(a, b)
 end
 """
 
-# KEYS: stock hashes (one slot). ARGV[1]: the version's as_of_us (cells without their own).
+# KEYS: stock hashes (one slot), then their change streams in the same order. ARGV[1]: the
+# version's as_of_us (cells without their own).
 # ARGV[2]: per delta, key index, sku, atp, safety stock, inbound ('' = keep), as_of_us and
 # delta id, joined by NUL, sorted by as_of. Returns one letter per delta: a(pplied),
 # d(uplicate: the cell holds this delta), c(onflict: another id at the same as_of sorts
 # after it), s(tale). The order is (as_of, delta id), a snapshot row's id '' before all.
+# ARGV[3]: how long (ms) a change stream keeps its entries. Each hash written to gets one
+# change stream entry, field 'c': sku, new cell, sku, new cell, ... joined by NUL (what
+# in-process stock mirrors follow, service.stock_mirror).
 # Decides everything before writing anything, so a corrupt cell fails the call whole.
 _APPLY_DELTAS: Final = (
     _LUA_SPLIT
     + _LUA_BYTES_AFTER
     + """
+local hashes = #KEYS / 2
 local base = tonumber(ARGV[1])
 local fields = split(ARGV[2], '\\0')
 local cells, writes, order, outcomes = {}, {}, {}, {}
 for first = 1, #fields - 6, 7 do
-  local key = KEYS[tonumber(fields[first])]
+  local key_index = tonumber(fields[first])
+  local key = KEYS[key_index]
   local sku = fields[first + 1]
   local id = key .. '\\0' .. sku
   local cell = cells[id]
@@ -318,7 +328,8 @@ for first = 1, #fields - 6, 7 do
     cell.as_of, cell.by, cell.ss, cell.inb = as_of, delta_id, ss, inb
     if writes[id] == nil then order[#order + 1] = id end
     writes[id] = {key, sku,
-      fields[first + 2] .. ',' .. ss .. ',' .. inb .. ',' .. as_of_text .. ',' .. delta_id}
+      fields[first + 2] .. ',' .. ss .. ',' .. inb .. ',' .. as_of_text .. ',' .. delta_id,
+      key_index}
     outcomes[#outcomes + 1] = 'a'
   elseif as_of == cell.as_of and delta_id == cell.by then
     outcomes[#outcomes + 1] = 'd'
@@ -328,9 +339,26 @@ for first = 1, #fields - 6, 7 do
     outcomes[#outcomes + 1] = 's'
   end
 end
+local changed = {}
 for _, id in ipairs(order) do
   local write = writes[id]
   redis.call('HSET', write[1], write[2], write[3])
+  local list = changed[write[4]]
+  if list == nil then
+    list = {}
+    changed[write[4]] = list
+  end
+  list[#list + 1] = write[2]
+  list[#list + 1] = write[3]
+end
+if #order > 0 then
+  local now = redis.call('TIME')
+  local oldest_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) -
+    tonumber(ARGV[3])
+  for index, list in pairs(changed) do
+    redis.call('XADD', KEYS[index + hashes], 'MINID', '~', tostring(math.max(oldest_ms, 0)),
+      '*', 'c', table.concat(list, '\\0'))
+  end
 end
 return table.concat(outcomes)
 """
@@ -412,6 +440,14 @@ return 'OK'
 
 
 @dataclass(frozen=True)
+class NodeCells:
+    """One node's stock hash as ``stock_cells`` read it."""
+
+    last_change: bytes  # the id of its change stream's last entry ("0-0": none yet)
+    cells: dict[bytes, bytes]  # sku -> cell, as stored
+
+
+@dataclass(frozen=True)
 class _Script:
     source: str
     sha: str
@@ -487,6 +523,7 @@ class RedisSnapshotStore:
         self._fail_fast_until = 0.0
         self._probing = False
         self._last_unreachable = ""
+        self._follow_client: redis.asyncio.Redis | None = None  # blocking change reads
         # Called with (operation, seconds, failed) after each Redis operation: the metrics.
         self.observe: Callable[[str, float, bool], None] | None = None
 
@@ -527,6 +564,9 @@ class RedisSnapshotStore:
 
     def _stock_key(self, version: str, node_id: str) -> str:
         return f"{self._prefix}:snap:{version}:atp:{{{node_id}}}"
+
+    def _stock_changes_key(self, version: str, node_id: str) -> str:
+        return f"{self._prefix}:snap:{version}:chg:{{{node_id}}}"
 
     # -- SnapshotStore --------------------------------------------------------------------
 
@@ -667,6 +707,72 @@ class RedisSnapshotStore:
                 replies[position] = bytes(reply)
         return _stock_matrix(skus, node_ids, replies, stock_keys, base_as_of_us=base_as_of_us)
 
+    # -- following stock changes (service.stock_mirror) -------------------------------------
+
+    @property
+    def follows_stock_changes(self) -> bool:
+        """Whether ``stock_cells`` and ``stock_changes`` work here: on a single Redis. (On
+        Cluster the load's transaction would span slots; the mirror stays off there.)"""
+        return not self._cluster
+
+    async def stock_cells(self, version: str, node_ids: Sequence[str]) -> list[NodeCells]:
+        """Every stock cell of ``version`` at ``node_ids`` and, per node, the id of the last
+        entry of its change stream, read in one transaction: the changes after those ids are
+        exactly the writes after these cells."""
+        if self._cluster:
+            raise StoreError("stock mirrors follow a single Redis, not Redis Cluster")
+        with self._redis_errors("stock_cells"):
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.exists(self._meta_key(version))
+                for node_id in node_ids:
+                    pipe.xrevrange(self._stock_changes_key(version, node_id), count=1)
+                    pipe.hgetall(self._stock_key(version, node_id))
+                exists, *replies = await pipe.execute()
+        if not exists:
+            raise SnapshotNotFoundError(f"snapshot version {version} does not exist")
+        loaded = []
+        for index in range(len(node_ids)):
+            last, cells = replies[2 * index], replies[2 * index + 1]
+            loaded.append(NodeCells(last_change=bytes(last[0][0]) if last else b"0-0", cells=cells))
+        return loaded
+
+    async def stock_changes(
+        self, version: str, node_ids: Sequence[str], after: Sequence[bytes], *, block_ms: int
+    ) -> list[tuple[int, bytes, list[bytes]]]:
+        """Change stream entries of ``version``'s stock hashes after the ids ``after`` (one
+        per node), waiting up to ``block_ms`` for the first: per node with news, (its index in
+        ``node_ids``, the last entry id, each entry's payload: sku, cell, sku, cell, ...
+        joined by NUL). Empty when nothing changed in that time."""
+        client = self._follower(block_ms)
+        keys = [self._stock_changes_key(version, node_id) for node_id in node_ids]
+        index_of = {key.encode(): index for index, key in enumerate(keys)}
+        with self._redis_errors("stock_changes"):
+            reply: list[Any] = await client.xread(  # type: ignore[assignment]
+                dict(zip(keys, after, strict=True)), count=_CHANGES_PER_READ, block=block_ms
+            )
+        news = []
+        for raw_key, entries in reply or ():  # RESP2: [[key, [(id, fields), ...]], ...]
+            if entries:
+                payloads = [bytes(fields.get(b"c", b"")) for _, fields in entries]
+                news.append((index_of[bytes(raw_key)], bytes(entries[-1][0]), payloads))
+        return news
+
+    def _follower(self, block_ms: int) -> redis.asyncio.Redis:
+        """A client of its own for blocking reads: the shared pool's socket timeout is
+        shorter than a block, and a blocked read must not hold a request's connection."""
+        if self._follow_client is None:
+            if isinstance(self._client, RedisCluster):
+                raise StoreError("stock mirrors follow a single Redis, not Redis Cluster")
+            pool = self._client.connection_pool
+            kwargs = dict(pool.connection_kwargs)
+            kwargs["socket_timeout"] = (kwargs.get("socket_timeout") or 1.0) + block_ms / 1000
+            self._follow_client = redis.asyncio.Redis(
+                connection_pool=redis.asyncio.ConnectionPool(
+                    connection_class=pool.connection_class, max_connections=4, **kwargs
+                )
+            )
+        return self._follow_client
+
     async def apply_deltas(self, batch: DeltaBatch) -> DeltaReport:
         """Check the batch against the current version, then per chunk: check the ids against
         the ledger and log the new ones, then apply them (see the module docstring)."""
@@ -754,6 +860,9 @@ class RedisSnapshotStore:
 
     async def close(self) -> None:
         """Close the client and its connection pool(s)."""
+        if self._follow_client is not None:
+            await self._follow_client.aclose()
+            await self._follow_client.connection_pool.aclose()
         await self._client.aclose()
 
     # -- scripts and pipelines ------------------------------------------------------------
@@ -932,7 +1041,14 @@ class RedisSnapshotStore:
             self._meta_key(version),
             self._table_key(version, "items"),
             self._table_key(version, "nodes"),
-            *(self._stock_key(version, node_id) for node_id in node_ids),
+            *(
+                key
+                for node_id in node_ids
+                for key in (
+                    self._stock_key(version, node_id),
+                    self._stock_changes_key(version, node_id),
+                )
+            ),
         ]
 
     async def _unlink(self, keys: Sequence[str]) -> None:
@@ -1031,11 +1147,16 @@ class RedisSnapshotStore:
                     str(row["as_of_us"]),
                     row["delta_id"],
                 ]
+            change_keys = [
+                self._stock_changes_key(version, node_ids[position])
+                for position in groups[group_number]
+            ]
             commands.append(
                 (
-                    *self._script_call("apply_deltas", keys),
+                    *self._script_call("apply_deltas", [*keys, *change_keys]),
                     str(refs.as_of_us),
                     FIELD_SEPARATOR.join(fields),
+                    STOCK_CHANGES_RETENTION_MS,
                 )
             )
             command_rows.append([index for index, _ in group_rows])
