@@ -179,13 +179,13 @@ class StockMirror:
                     await self._follow(copy)
             except asyncio.CancelledError:
                 raise
-            except (StoreError, ValueError) as exc:
+            except Exception as exc:  # the follower must outlive any one failure
                 if copy is not None:
                     copy.following = False
                 if not failing:
                     log.warning(
                         "stock_mirror_failing",
-                        error=str(exc)[:400],
+                        error=f"{type(exc).__name__}: {str(exc)[:400]}",
                         effect="requests read stock from Redis until the mirror reloads",
                     )
                 failing = True

@@ -14,6 +14,7 @@ braces share a hash tag, so that each multi-key operation stays on one Cluster s
     {<p>}:inv:log                 STREAM  delta chunks with new ids, for replay at a flip
     {<p>}:inv:ids                 HASH    delta_id -> "<log entry id> <fingerprint>": the ledger
     <p>:snap:<v>:atp:{<node_id>}  HASH    sku -> b"<atp>,<ss>,<inbound>[,<as_of_us>[,<delta_id>]]"
+    <p>:snap:<v>:chg:{<node_id>}  STREAM  per apply call, the cells it wrote: c = sku NUL cell ...
 
 The control keys (pointers, history, metas, tables, delta log, ledger) share the slot of
 ``{<p>}``: the pointer flip checks the target's meta and moves history and pointer in one
@@ -80,7 +81,9 @@ Deltas
     (reported ``applied``); otherwise the cell holds them or something newer (``duplicate``).
     A chunk is atomic per slot: on a single Redis the whole chunk, on Cluster each node's
     share. Every replica reads stock from here at each request, so an applied delta reaches
-    all of them at once.
+    all of them at once; or, with a stock mirror (``service.stock_mirror``), from the change
+    stream each apply call appends its new cells to (``<p>:snap:<v>:chg:{<node_id>}``, one
+    per stock hash, same slot, entries kept ``STOCK_CHANGES_RETENTION_MS``).
 
     Replicas follow the pointer within ``UPSELL_SNAPSHOT_REFRESH_SECONDS`` plus the time to
     load the new master, and until then read the stock of the version they serve. So for a
