@@ -691,15 +691,8 @@ class Recommender:
         replica read last for these cells (``service.store.last_known``), aged as any other.
         """
         shape = (len(catalog_pos), len(nodes.positions))
-        # Unread stock: nothing to sell, but not "not ranged": an item that cannot be seen is
-        # out of stock for this request, not out of the store's assortment.
-        unseen = (
-            np.full(shape, -1, dtype=np.int64),
-            np.zeros(shape, dtype=np.int64),
-            np.ones(shape, dtype=np.bool_),
-        )
         if not shape[0] or not shape[1]:
-            return unseen
+            return _unseen_stock(shape)
         skus = tuple(map(serving.catalog.skus.__getitem__, catalog_pos.tolist()))
         version = serving.meta.version
         mirrored = self._stock_mirror
@@ -718,7 +711,7 @@ class Recommender:
             log.warning("stock_read_failed", error=str(exc))
             if not remembering:
                 degraded.append("stock unavailable: nothing recommended on unseen stock")
-                return unseen
+                return _unseen_stock(shape)
             degraded.append(
                 "stock unavailable: last known figures used, nothing recommended on stock "
                 "this replica has not seen"
@@ -784,6 +777,18 @@ class Recommender:
             snapshot_version=result.versions.snapshot,
             policy_version=result.versions.policy,
         )
+
+
+def _unseen_stock(
+    shape: tuple[int, int],
+) -> tuple[IntArray, IntArray, npt.NDArray[np.bool_]]:
+    """Unread stock: nothing to sell, but not "not ranged": an item that cannot be seen is
+    out of stock for this request, not out of the store's assortment."""
+    return (
+        np.full(shape, -1, dtype=np.int64),
+        np.zeros(shape, dtype=np.int64),
+        np.ones(shape, dtype=np.bool_),
+    )
 
 
 def _subset(candidates: Candidates, mask: npt.NDArray[np.bool_]) -> Candidates:

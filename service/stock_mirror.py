@@ -101,6 +101,7 @@ class StockMirror:
         self._block_ms = block_ms
         self._copy: _Copy | None = None
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
         self.loads = 0  # copies loaded (a metric of churn, and what tests wait on)
         self.changes_applied = 0  # cells overwritten from the change streams
 
@@ -154,15 +155,19 @@ class StockMirror:
             self._task = asyncio.create_task(self._run(), name="stock-mirror")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        """Stop the follower. A cancellation that lands while redis-py's socket timeout fires
+        can come out as a timeout error, which the loop would survive: so the loop also
+        checks ``_closing``, and the cancel is repeated until the task is done."""
+        self._closing = True
+        task, self._task = self._task, None
+        while task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                await asyncio.wait_for(asyncio.shield(task), timeout=1.0)
 
     async def _run(self) -> None:
         failing = False
-        while True:
+        while not self._closing:
             # Follows the pointer between requests too, so an idle worker's copy is of the
             # version its next request serves.
             with contextlib.suppress(NotReadyError):
@@ -180,6 +185,9 @@ class StockMirror:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the follower must outlive any one failure
+                current = asyncio.current_task()
+                if self._closing or (current is not None and current.cancelling()):
+                    raise asyncio.CancelledError from exc
                 if copy is not None:
                     copy.following = False
                 if not failing:

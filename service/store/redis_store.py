@@ -749,7 +749,8 @@ class RedisSnapshotStore:
         client = self._follower(block_ms)
         keys = [self._stock_changes_key(version, node_id) for node_id in node_ids]
         index_of = {key.encode(): index for index, key in enumerate(keys)}
-        with self._redis_errors("stock_changes"):
+        # A long poll, not refused while calls fail fast: its answer is what ends that.
+        with self._redis_errors("stock_changes", probe=True):
             reply: list[Any] = await client.xread(  # type: ignore[assignment]
                 dict(zip(keys, after, strict=True)), count=_CHANGES_PER_READ, block=block_ms
             )
@@ -768,7 +769,9 @@ class RedisSnapshotStore:
                 raise StoreError("stock mirrors follow a single Redis, not Redis Cluster")
             pool = self._client.connection_pool
             kwargs = dict(pool.connection_kwargs)
-            kwargs["socket_timeout"] = (kwargs.get("socket_timeout") or 1.0) + block_ms / 1000
+            # Generous: the mirror's freshness is judged by when Redis last answered, not by
+            # this; a timeout here only means a reconnect (and a reload).
+            kwargs["socket_timeout"] = (kwargs.get("socket_timeout") or 1.0) + 2 + block_ms / 1000
             self._follow_client = redis.asyncio.Redis(
                 connection_pool=redis.asyncio.ConnectionPool(
                     connection_class=pool.connection_class, max_connections=4, **kwargs
