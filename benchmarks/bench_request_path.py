@@ -37,6 +37,8 @@ from service.store.factory import open_configured_store
 
 RESULTS = Path(__file__).resolve().parent / "results" / "request_path.json"
 CHANNELS = ("cart", "pdp", "pos", "contact_center")
+# (name, Redis: None = in-process, "" = --redis-url, stock mirror)
+STORES = (("in-process", None, False), ("redis", "", False), ("redis+mirror", "", True))
 
 
 def queries(contract_dir: Path, count: int, *, seed: int) -> list[RecommendationQuery]:
@@ -78,6 +80,10 @@ async def measure(
     await store.publish(read_snapshot_dir(contract_dir))
     runtime = await Runtime.start(settings, store=store)
     recommender = runtime.require_recommender()
+    if runtime.stock_mirror is not None and runtime.mirror is not None:
+        serving = await runtime.mirror.current()
+        while not runtime.stock_mirror.is_fresh(serving.meta.version):
+            await asyncio.sleep(0.01)
     all_queries = queries(contract_dir, count, seed=5)
     for query in all_queries[:200]:  # warm caches and code paths
         await recommender.recommend(query)
@@ -86,6 +92,7 @@ async def measure(
         started = time.perf_counter()
         await recommender.recommend(query)
         timings[query.channel].append((time.perf_counter() - started) * 1e6)
+        await asyncio.sleep(0)  # the event loop's turn between requests, as a server gives it
     await runtime.close()
     summary = {}
     for channel, values in timings.items():
@@ -116,9 +123,10 @@ def main() -> None:
         root = Path(scratch)
         import_online_retail(sample, root / "contract", seed=7)
         save_artifacts(train(read_orders(root / "contract" / "orders.parquet")), root / "artifacts")
-        for name, redis_url in (("in-process", None), ("redis", args.redis_url)):
+        for name, redis_url, stock_mirror in STORES:
             settings = Settings(
-                redis_url=redis_url,
+                stock_mirror=stock_mirror,
+                redis_url=None if redis_url is None else args.redis_url,
                 redis_prefix=f"upsell-bench:{int(time.time())}",
                 state_dir=root / f"state-{name}",
                 artifacts_dir=root / "artifacts",
@@ -127,10 +135,10 @@ def main() -> None:
             results[name] = asyncio.run(measure(settings, root / "contract", args.requests))
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"{'store':<11} {'channel':<15} {'p50 us':>9} {'p99 us':>9}")
-    for name in ("in-process", "redis"):
+    print(f"{'store':<13} {'channel':<15} {'p50 us':>9} {'p99 us':>9}")
+    for name, _, _ in STORES:
         for channel, figures in results[name].items():  # type: ignore[attr-defined]
-            print(f"{name:<11} {channel:<15} {figures['p50_us']:>9} {figures['p99_us']:>9}")
+            print(f"{name:<13} {channel:<15} {figures['p50_us']:>9} {figures['p99_us']:>9}")
     print(f"written to {RESULTS}")
 
 
