@@ -191,13 +191,22 @@ def deltas_from_records(
 ) -> DeltaBatch:
     """Validate deltas given as mappings (e.g. a JSON body); naive datetimes are UTC."""
     schema = {column.name: column.dtype for column in INVENTORY_DELTAS.columns}
-    rows = [
-        {
-            name: _naive_utc(value) if isinstance(value, datetime) else value
-            for name, value in record.items()
-        }
-        for record in records
-    ]
+    rows = []
+    for number, record in enumerate(records):
+        row = {}
+        for name, value in record.items():
+            if isinstance(value, datetime):
+                try:
+                    value = _naive_utc(value)
+                except OverflowError:
+                    raise ContractError(
+                        file=source,
+                        row=number + row_offset,
+                        column=name,
+                        problem=f"{value.isoformat()} is out of range in UTC",
+                    ) from None
+            row[name] = value
+        rows.append(row)
     try:
         frame = pl.DataFrame(rows, schema=schema, orient="row")
     except (pl.exceptions.PolarsError, TypeError, ValueError, OverflowError) as exc:

@@ -135,6 +135,22 @@ def test_records_take_aware_datetimes_as_utc_and_count_rows_from_offset() -> Non
     assert batch.frame.get_column("as_of").to_list() == [datetime(2025, 3, 1, 10)]
 
 
+def test_an_as_of_outside_utcs_range_is_refused_not_a_crash() -> None:
+    """Found by schemathesis: year 1 at +01:00 has no UTC instant (OverflowError, a 500)."""
+    records = [
+        {"delta_id": "d1", "sku": "A", "node_id": "N", "atp": 1, "as_of": datetime(2025, 3, 1)},
+        {
+            "delta_id": "d2",
+            "sku": "A",
+            "node_id": "M",
+            "atp": 0,
+            "as_of": datetime(1, 1, 1, 0, 0, 11, tzinfo=timezone(timedelta(hours=1))),
+        },
+    ]
+    with pytest.raises(ContractError, match=r"body, row 2, column 'as_of': 0001-01-01T00:00:11"):
+        deltas_from_records(records, source="body", now=NOW)
+
+
 def test_nul_in_a_sku_is_refused() -> None:
     """NUL separates fields in the stores' encodings, so no id may hold one."""
     with pytest.raises(ContractError, match="column 'sku': sku contains a NUL"):

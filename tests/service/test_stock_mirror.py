@@ -34,6 +34,7 @@ from tests.service.test_faults import (
     fresh_snapshot,
     query_of,
     running_redis,
+    settings_for,
 )
 
 WAIT_S = 10.0
@@ -42,16 +43,8 @@ WAIT_S = 10.0
 def mirror_settings(
     redis_url: str, prefix: str, demo: DemoData, tmp_path: Path, *, mirror: bool = True
 ) -> Settings:
-    return Settings(
-        auth="off",
-        redis_url=redis_url,
-        redis_prefix=prefix,
-        state_dir=tmp_path / "state",
-        artifacts_dir=demo.artifacts_dir,
-        snapshot_refresh_seconds=0.2,
-        log_level="error",
-        stock_mirror=mirror,
-    )
+    base = settings_for(redis_url, demo=demo, tmp_path=tmp_path, prefix=prefix)
+    return base.model_copy(update={"stock_mirror": mirror})
 
 
 async def wait_for(condition: Callable[[], bool], what: str) -> None:
