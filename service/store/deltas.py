@@ -195,17 +195,18 @@ def deltas_from_records(
     for number, record in enumerate(records):
         row = {}
         for name, value in record.items():
-            if isinstance(value, datetime):
-                try:
-                    value = _naive_utc(value)
-                except OverflowError:
-                    raise ContractError(
-                        file=source,
-                        row=number + row_offset,
-                        column=name,
-                        problem=f"{value.isoformat()} is out of range in UTC",
-                    ) from None
-            row[name] = value
+            if not isinstance(value, datetime):
+                row[name] = value
+                continue
+            try:
+                row[name] = _naive_utc(value)
+            except OverflowError:
+                raise ContractError(
+                    file=source,
+                    row=number + row_offset,
+                    column=name,
+                    problem=f"{value.isoformat()} is out of range in UTC",
+                ) from None
         rows.append(row)
     try:
         frame = pl.DataFrame(rows, schema=schema, orient="row")
