@@ -29,7 +29,7 @@ from service.api.timing import arrived_at
 from service.api_keys import ADMIN
 from service.explain.explainer import channel_budget_seconds
 from service.metrics import Metrics
-from service.pipeline import BasketLine, Recommendation, RecommendationQuery, Recommender
+from service.pipeline import BasketLine, Recommendation, RecommendationQuery
 from service.request_id import current_request_id
 from service.runtime import Runtime
 
@@ -39,12 +39,7 @@ async def get_runtime(request: Request) -> Runtime:
     return runtime
 
 
-async def get_recommender(runtime: Annotated[Runtime, Depends(get_runtime)]) -> Recommender:
-    return runtime.require_recommender()
-
-
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
-RecommenderDep = Annotated[Recommender, Depends(get_recommender)]
 
 router = APIRouter()
 
@@ -71,8 +66,6 @@ _PROBLEMS: dict[int | str, dict[str, object]] = {
 async def recommend(
     body: RecommendationRequest,
     request: Request,
-    runtime: RuntimeDep,
-    recommender: RecommenderDep,
     caller: CallerDep,
 ) -> Response:
     """Upsell and cross-sell items for a basket or product page, under every constraint.
@@ -82,6 +75,9 @@ async def recommend(
     (every dropped candidate, score parts) needs the admin scope: it shows margins and the
     rules' workings, which are the retailer's business, not the shopper's.
     """
+    # From the app's state, not by dependencies: each one FastAPI resolves costs more than
+    # the lookup it wraps, on the hottest route.
+    runtime: Runtime = request.app.state.runtime
     note(
         request,
         channel=body.channel,
@@ -91,6 +87,7 @@ async def recommend(
         await authorize(request, caller, ADMIN, what="debug traces are admin-only")
     else:
         await authorize(request, caller, body.channel)
+    recommender = runtime.require_recommender()
     deadline = arrived_at(request) + channel_budget_seconds(runtime.settings, body.channel)
     query = RecommendationQuery(
         request_id=current_request_id() or "",
