@@ -18,6 +18,7 @@ from typing import Any
 
 import httpx
 import polars as pl
+import pytest
 
 from service.settings import Settings
 from tests.service.conftest import DemoData
@@ -71,23 +72,39 @@ def first_recommended(client: httpx.Client, bodies: list[dict[str, Any]]) -> tup
     raise AssertionError("no sample basket gets a recommendation")
 
 
+@pytest.mark.parametrize("stock_mirror", [False, True], ids=["stock-read-live", "stock-mirror"])
 def test_sell_out_posted_to_one_replica_stops_the_other_within_a_second(
-    redis_url: str, redis_prefix: str, demo_data: DemoData, tmp_path: Path, record_property: Any
+    redis_url: str,
+    redis_prefix: str,
+    demo_data: DemoData,
+    tmp_path: Path,
+    record_property: Any,
+    stock_mirror: bool,
 ) -> None:
     """A sell-out POSTed to replica A: replica B stops recommending the item within 1 s of
-    the POST being sent (polled, not slept); it is the very next answer B gives."""
-    settings = replica_settings(redis_url, redis_prefix, demo_data, tmp_path, refresh_seconds=1.0)
+    the POST being sent (polled, not slept). Reading stock live, it is the very next answer
+    B gives; with the stock mirror, B's copy hears of it from Redis's change stream."""
+    settings = replica_settings(
+        redis_url, redis_prefix, demo_data, tmp_path, refresh_seconds=1.0
+    ).model_copy(update={"stock_mirror": stock_mirror})
     snapshot = fresh_snapshot(demo_data.contract_dir)
     publish(settings, snapshot)
     bodies = cart_bodies(demo_data, 40)
+    app_b = build_app(settings)
 
     with (
         served(build_app(settings)) as url_a,
-        served(build_app(settings)) as url_b,
+        served(app_b) as url_b,
         httpx.Client(base_url=url_a, timeout=10) as replica_a,
         httpx.Client(base_url=url_b, timeout=10) as replica_b,
     ):
         body, sku = first_recommended(replica_b, bodies)
+        if stock_mirror:  # B answers from its copy, not from Redis, when the sell-out comes
+            runtime_b = app_b.state.runtime
+            deadline = time.monotonic() + POLL_DEADLINE_S
+            while not runtime_b.stock_mirror.is_fresh(runtime_b.mirror.loaded.meta.version):
+                assert time.monotonic() < deadline, "replica B's stock mirror never loaded"
+                time.sleep(0.01)
         stocked_at = snapshot.inventory.filter(pl.col("sku") == sku).get_column("node_id").to_list()
         sent = time.monotonic()
         posted = replica_a.post(
@@ -114,9 +131,10 @@ def test_sell_out_posted_to_one_replica_stops_the_other_within_a_second(
     }
     for name, value in figures.items():
         record_property(name, value)
-    print(f"\ntwo replicas, sell-out: {figures}")
+    print(f"\ntwo replicas, sell-out ({'stock mirror' if stock_mirror else 'live'}): {figures}")
     assert seconds < 1.0
-    assert answers == 1  # stock is read live: B's first answer after the POST has it
+    if not stock_mirror:
+        assert answers == 1  # stock is read live: B's first answer after the POST has it
 
 
 def test_a_sell_out_right_after_a_flip_reaches_a_replica_still_on_the_old_version(
