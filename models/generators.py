@@ -457,14 +457,14 @@ class SegmentPopularityGenerator:
         )
         categories = self._segment_categories(anchor_rows, context)
         if categories.size and self._groups is not None:
-            _, members = self._groups.gather(categories)
-            members = np.sort(members)  # ascending, so that ties go to the lower index
-            member_shares = shares[members]
-            members, member_shares = members[member_shares > 0], member_shares[member_shares > 0]
-            if members.size == 0:
+            items, scores = _segment_best(
+                categories, self._groups.indptr, self._groups.members, shares, count
+            )
+            if items.size == 0:
                 return empty_candidates()
-            best = _best_positions(member_shares, count)
-            return _candidates(members[best], _divide_by_max(member_shares[best]), self.kind)
+            return Candidates(
+                item_idx=items, score=scores, kind=np.full(items.shape[0], self.kind, np.int8)
+            )
         if region_row is not None and self._region_order is not None:
             ranked = self._region_order[region_row, :count]
             ranked = ranked[shares[ranked] > 0]
@@ -481,6 +481,59 @@ class SegmentPopularityGenerator:
             named = [self._category_of.get(name, -1) for name in context.categories]
             codes = np.concatenate([codes, np.asarray(named, dtype=np.int64)])
         return np.unique(codes[codes >= 0])
+
+
+@compiled
+def _segment_best(
+    categories: npt.NDArray[np.int64],
+    indptr: npt.NDArray[np.int64],
+    members: npt.NDArray[np.int64],
+    shares: npt.NDArray[np.float64],
+    count: int,
+) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.float32]]:
+    """The categories' members with a share above 0, the ``count`` best by share (ties: the
+    lower item index), scores divided by the best one: what ``_Groups.gather``, a sort,
+    ``_best_positions`` and ``_divide_by_max`` give, in one pass (an item has one category,
+    so the gathered members are distinct)."""
+    total = 0
+    for code in categories:
+        total += indptr[code + 1] - indptr[code]
+    gathered = np.empty(total, dtype=np.int64)
+    filled = 0
+    for code in categories:
+        for at in range(indptr[code], indptr[code + 1]):
+            gathered[filled] = members[at]
+            filled += 1
+    gathered.sort()  # ascending, so that ties go to the lower index
+    kept_items = np.empty(total, dtype=np.int64)
+    kept_shares = np.empty(total, dtype=np.float64)
+    kept = 0
+    for item in gathered:
+        if shares[item] > 0:
+            kept_items[kept] = item
+            kept_shares[kept] = shares[item]
+            kept += 1
+    best = np.argsort(-kept_shares[:kept], kind="mergesort")[: min(count, kept)]
+    items = np.empty(best.shape[0], dtype=np.int32)
+    scores = np.empty(best.shape[0], dtype=np.float32)
+    top = kept_shares[best[0]] if best.shape[0] else 0.0
+    for at in range(best.shape[0]):
+        items[at] = kept_items[best[at]]
+        scores[at] = min(max(kept_shares[best[at]] / top, 0.0), 1.0) if top > 0 else 0.0
+    return items, scores
+
+
+def _warm_up_segments() -> None:
+    _segment_best(
+        np.array([0], dtype=np.int64),
+        np.array([0, 2], dtype=np.int64),
+        np.array([0, 1], dtype=np.int64),
+        np.array([0.5, 0.25]),
+        1,
+    )
+
+
+register_warm_up(_warm_up_segments)
 
 
 # -- generators from weights -------------------------------------------------------------

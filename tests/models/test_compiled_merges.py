@@ -19,7 +19,7 @@ from models.candidates import (
     merge_neighbour_rows,
     merge_sources,
 )
-from models.generators import _upgrade_pairs
+from models.generators import _Groups, _segment_best, _upgrade_pairs
 
 
 def numpy_merge_sources(
@@ -153,3 +153,28 @@ def test_upgrade_pairs_equal_the_numpy_selection(seed: int) -> None:
         if price[a] < price[m] <= 3.0 * price[a] and margin[m] > margin[a] and m not in anchors
     ]
     assert list(zip(anchor.tolist(), member.tolist(), strict=True)) == expected
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_segment_best_equals_the_numpy_form(seed: int) -> None:
+    """Shares with ties and zeros, counts above and below the members, on both branches of
+    ``_best_positions`` (sorted outright, and partitioned first)."""
+    rng = np.random.default_rng(seed)
+    n_items, n_categories = 300, 8
+    codes = rng.integers(-1, n_categories, size=n_items).astype(np.int64)
+    groups = _Groups.of(codes, n_groups=n_categories)
+    # Rounded so that equal shares happen; some zero, so that some members are left out.
+    shares = np.round(rng.uniform(-0.2, 1.0, n_items), 2).clip(0.0, None)
+    categories = np.unique(rng.integers(0, n_categories, size=rng.integers(1, 4)))
+    count = int(rng.choice([1, 5, 20, 400]))
+    items, scores = _segment_best(categories, groups.indptr, groups.members, shares, count)
+
+    _, members = groups.gather(categories)
+    members = np.sort(members)
+    member_shares = shares[members]
+    members, member_shares = members[member_shares > 0], member_shares[member_shares > 0]
+    best = _best_positions(member_shares, count)
+    assert items.tolist() == members[best].tolist()
+    assert items.dtype == np.int32
+    assert scores.dtype == np.float32
+    assert scores.tolist() == _divide_by_max(member_shares[best]).tolist()
