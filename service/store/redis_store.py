@@ -130,7 +130,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import numpy as np
 import polars as pl
@@ -167,7 +167,7 @@ from service.store.deltas import (
 )
 from service.store.stock_cells import parse_stock_cells
 
-__all__ = ["STOCK_CHANGES_RETENTION_MS", "AnyRedis", "NodeCells", "RedisSnapshotStore"]
+__all__ = ["STOCK_CHANGES_RETENTION_MS", "AnyRedis", "RedisSnapshotStore"]
 
 AnyRedis = redis.asyncio.Redis | RedisCluster
 
@@ -187,6 +187,7 @@ _LAGGING_REPLICA_GRACE_MS: Final = 60_000
 # mirror that was away longer loads the hashes again anyway.
 STOCK_CHANGES_RETENTION_MS: Final = 600_000
 _CHANGES_PER_READ: Final = 1_000
+_CELLS_PER_SCAN: Final = 2_000  # stock cells per HSCAN step of a mirror's load
 _LEDGER_ENTRIES_PER_SCAN: Final = 1_000
 _KEYS_PER_SCAN: Final = 1_000
 _CACHED_VERSIONS: Final = 8
@@ -440,14 +441,6 @@ end
 redis.call('SET', KEYS[1], ARGV[1])
 return 'OK'
 """
-
-
-@dataclass(frozen=True)
-class NodeCells:
-    """One node's stock hash as ``stock_cells`` read it."""
-
-    last_change: bytes  # the id of its change stream's last entry ("0-0": none yet)
-    cells: dict[bytes, bytes]  # sku -> cell, as stored
 
 
 @dataclass(frozen=True)
@@ -718,41 +711,58 @@ class RedisSnapshotStore:
         Cluster the load's transaction would span slots; the mirror stays off there.)"""
         return not self._cluster
 
-    async def stock_cells(self, version: str, node_ids: Sequence[str]) -> list[NodeCells]:
-        """Every stock cell of ``version`` at ``node_ids`` and, per node, the id of the last
-        entry of its change stream, read in one transaction: the changes after those ids are
-        exactly the writes after these cells."""
+    async def stock_change_ids(self, version: str, node_ids: Sequence[str]) -> list[bytes]:
+        """Per node, the id of its change stream's last entry (``b"0-0"``: none yet), read
+        before its cells: whatever a scan of the cells reads after this, the entries after
+        these ids are the writes the scan may have missed (see ``scan_stock_cells``)."""
         if self._cluster:
             raise StoreError("stock mirrors follow a single Redis, not Redis Cluster")
-        with self._redis_errors("stock_cells"):
-            async with self._client.pipeline(transaction=True) as pipe:
+        with self._redis_errors("stock_change_ids"):
+            async with self._client.pipeline(transaction=False) as pipe:
                 pipe.exists(self._meta_key(version))
                 for node_id in node_ids:
                     pipe.xrevrange(self._stock_changes_key(version, node_id), count=1)
-                    pipe.hgetall(self._stock_key(version, node_id))
-                exists, *replies = await pipe.execute()
+                exists, *lasts = await pipe.execute()
         if not exists:
             raise SnapshotNotFoundError(f"snapshot version {version} does not exist")
-        loaded = []
-        for index in range(len(node_ids)):
-            last, cells = replies[2 * index], replies[2 * index + 1]
-            loaded.append(NodeCells(last_change=bytes(last[0][0]) if last else b"0-0", cells=cells))
-        return loaded
+        return [bytes(last[0][0]) if last else b"0-0" for last in lasts]
+
+    async def scan_stock_cells(
+        self, version: str, node_id: str, cursor: int, *, count: int = _CELLS_PER_SCAN
+    ) -> tuple[int, dict[bytes, bytes]]:
+        """One HSCAN step over a node's stock hash: (the next cursor, 0 when done; sku ->
+        cell as stored). A scan returns every cell present throughout, some maybe twice, each
+        as it was when its step ran; a change during the scan is in the change stream after
+        the id ``stock_change_ids`` read first, so replaying from there makes the copy whole.
+        Small steps keep each reply short: a worker loading 1.6 million cells goes on
+        answering requests between them."""
+        with self._redis_errors("scan_stock_cells"):
+            next_cursor, cells = await self._client.hscan(
+                self._stock_key(version, node_id), cursor=cursor, count=count
+            )
+        return int(next_cursor), cast(dict[bytes, bytes], cells)  # decode_responses=False
 
     async def stock_changes(
-        self, version: str, node_ids: Sequence[str], after: Sequence[bytes], *, block_ms: int
+        self,
+        version: str,
+        node_ids: Sequence[str],
+        after: Sequence[bytes],
+        *,
+        block_ms: int,
+        count: int = _CHANGES_PER_READ,
     ) -> list[tuple[int, bytes, list[bytes]]]:
         """Change stream entries of ``version``'s stock hashes after the ids ``after`` (one
         per node), waiting up to ``block_ms`` for the first: per node with news, (its index in
         ``node_ids``, the last entry id, each entry's payload: sku, cell, sku, cell, ...
-        joined by NUL). Empty when nothing changed in that time."""
+        joined by NUL), at most ``count`` entries a node. Empty when nothing changed in that
+        time."""
         client = self._follower(block_ms)
         keys = [self._stock_changes_key(version, node_id) for node_id in node_ids]
         index_of = {key.encode(): index for index, key in enumerate(keys)}
         # A long poll, not refused while calls fail fast: its answer is what ends that.
         with self._redis_errors("stock_changes", probe=True):
             reply: list[Any] = await client.xread(  # type: ignore[assignment]
-                dict(zip(keys, after, strict=True)), count=_CHANGES_PER_READ, block=block_ms
+                dict(zip(keys, after, strict=True)), count=count, block=block_ms
             )
         news = []
         for raw_key, entries in reply or ():  # RESP2: [[key, [(id, fields), ...]], ...]
