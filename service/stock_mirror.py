@@ -91,6 +91,7 @@ class StockMirror:
         snapshots: SnapshotMirror,
         max_lag_seconds: float = 1.0,
         block_ms: int = 250,
+        cells_per_scan: int = 2_000,
     ) -> None:
         if not store.follows_stock_changes:
             raise ValueError("a stock mirror needs a single Redis (not Redis Cluster)")
@@ -103,6 +104,7 @@ class StockMirror:
         self._snapshots = snapshots
         self._max_lag = max_lag_seconds
         self._block_ms = block_ms
+        self._cells_per_scan = cells_per_scan
         self._copy: _Copy | None = None
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -232,7 +234,9 @@ class StockMirror:
         for column, node_id in enumerate(node_ids):
             cursor = 0
             while True:
-                cursor, cells = await self._store.scan_stock_cells(version, node_id, cursor)
+                cursor, cells = await self._store.scan_stock_cells(
+                    version, node_id, cursor, count=self._cells_per_scan
+                )
                 _overwrite(copy, column, list(cells), list(cells.values()))
                 if cursor == 0:
                     break
