@@ -100,3 +100,40 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, http_problem)
     app.add_exception_handler(RequestValidationError, validation_problem)
     app.add_exception_handler(UpsellError, upsell_problem)
+    document_problems(app)
+
+
+PROBLEM_MEDIA_TYPE = "application/problem+json"
+_PROBLEM_REF = "#/components/schemas/Problem"
+# FastAPI's own 422 document (a list of pydantic errors): the handler above answers a Problem.
+_FASTAPI_VALIDATION_REF = "#/components/schemas/HTTPValidationError"
+
+
+def document_problems(app: FastAPI) -> None:
+    """Make the OpenAPI document say what the handlers send: error answers are a
+    ``Problem`` as ``application/problem+json`` (FastAPI documents every response model as
+    ``application/json``, and its default 422 as a list of pydantic errors)."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = build()
+        for path_item in schema.get("paths", {}).values():
+            for operation in path_item.values():
+                for code, response in operation.get("responses", {}).items():
+                    content = response.get("content", {})
+                    json_body = content.get("application/json", {})
+                    reference = json_body.get("schema", {}).get("$ref")
+                    if code[:1] in "45" and reference in (_PROBLEM_REF, _FASTAPI_VALIDATION_REF):
+                        del content["application/json"]
+                        content[PROBLEM_MEDIA_TYPE] = {"schema": {"$ref": _PROBLEM_REF}}
+        components = schema.get("components", {}).get("schemas", {})
+        if "Problem" not in components:
+            components["Problem"] = Problem.model_json_schema(
+                ref_template="#/components/schemas/{model}"
+            )
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
