@@ -121,21 +121,6 @@ def _iso(moment: datetime) -> str:
     return moment.isoformat(timespec="microseconds")
 
 
-def _check_representable(frame: pl.DataFrame, column: str, *, source: str) -> None:
-    """ContractError for the first row whose UTC instant falls outside years 1-9999 (e.g.
-    0001-01-01T00:00+01:00): no Python datetime holds it, and reading it back would fail."""
-    years = frame.get_column(column).dt.year()
-    outside = ((years < 1) | (years > 9999)).arg_true()
-    if outside.len():
-        row = int(outside[0])
-        raise ContractError(
-            file=source,
-            row=row + 1,
-            column=column,
-            problem=f"year {years[row]} in UTC: outside the years 1-9999 a timestamp may have",
-        )
-
-
 def order_records(
     lines: pl.DataFrame, pseudonymize: Pseudonymizer, *, source: str
 ) -> list[dict[str, Any]]:
@@ -145,7 +130,6 @@ def order_records(
     are its 1-based rows. Lines repeating (order_id, sku) are merged as in ``read_orders``.
     """
     valid = validate_table(lines, OUTCOME_ORDER_LINES, file=source, check_key=False)
-    _check_representable(valid, "ordered_at", source=source)
     numbered = valid.with_row_index("row", offset=1)
     for name in _ORDER_FIELDS:
         disagreeing = (
@@ -189,7 +173,6 @@ def order_records(
 def return_records(frame: pl.DataFrame, *, source: str) -> list[dict[str, Any]]:
     """Validated returns, one record each (``return_id`` must be unique in the batch)."""
     valid = validate_table(frame, RETURNS, file=source)
-    _check_representable(valid, "returned_at", source=source)
     return [{**row, "returned_at": _iso(row["returned_at"])} for row in valid.iter_rows(named=True)]
 
 

@@ -69,15 +69,20 @@ class _Copy:
     """One version's cells: figures (items, nodes, 4: atp, safety stock, inbound, as_of_us)
     and ranged (items, nodes), rows by catalog position, columns by node position."""
 
-    version: str
     serving: ServingSnapshot
-    node_ids: tuple[str, ...]
     figures: npt.NDArray[np.int64]
     ranged: npt.NDArray[np.bool_]
     last_change: list[bytes]  # per node: the last change stream entry applied
-    base_as_of_us: int
     answered_at: float  # monotonic: when Redis last answered for this copy
     following: bool = True  # False once a read failed: reload before trusting it again
+
+    @property
+    def version(self) -> str:
+        return self.serving.meta.version
+
+    @property
+    def node_ids(self) -> tuple[str, ...]:
+        return tuple(self.serving.nodes.node_ids)
 
 
 class StockMirror:
@@ -222,13 +227,10 @@ class StockMirror:
         figures[:, :, _AS_OF] = base_as_of_us
         ranged = np.zeros((len(serving.catalog), len(node_ids)), np.bool_)
         copy = _Copy(
-            version=version,
             serving=serving,
-            node_ids=node_ids,
             figures=figures,
             ranged=ranged,
             last_change=last_change,
-            base_as_of_us=base_as_of_us,
             answered_at=0.0,  # not fresh before the load is whole (and followed once)
         )
         for column, node_id in enumerate(node_ids):
@@ -281,7 +283,9 @@ def _overwrite(copy: _Copy, column: int, skus: list[bytes], cells: list[bytes]) 
     if not skus:
         return
     parsed = parse_stock_cells(
-        _SEPARATOR.join(cells) + _SEPARATOR, len(cells), base_as_of_us=copy.base_as_of_us
+        _SEPARATOR.join(cells) + _SEPARATOR,
+        len(cells),
+        base_as_of_us=epoch_us(copy.serving.meta.as_of),
     )
     if parsed is None:
         raise StoreError(

@@ -206,7 +206,9 @@ def validate_table(
                 file=file,
                 row=index + 1,
                 column=check.column,
-                problem=check.problem(sources[check.column][index], parsed[check.column][index]),
+                problem=check.problem(
+                    _value_at(sources[check.column], index), _value_at(parsed[check.column], index)
+                ),
             )
 
     height = frame.height
@@ -453,6 +455,14 @@ _TYPE_WORDS: dict[type[pl.DataType], str] = {
 }
 
 
+def _value_at(series: pl.Series, index: int) -> object:
+    """One value for an error message; as text where Python cannot hold it (a year-0 stamp)."""
+    try:
+        return series[index]
+    except (ValueError, OverflowError):
+        return series.cast(pl.String)[index]
+
+
 def _checks_for(column: Column, source: pl.Series, parsed: pl.Series) -> list[_Check]:
     """Every failure kind for one column, in the order they are reported within a row."""
     name = column.name
@@ -470,6 +480,17 @@ def _checks_for(column: Column, source: pl.Series, parsed: pl.Series) -> list[_C
             return f"missing {label}: every row needs a value"
 
         checks.append(_Check(name, source.is_null(), missing))
+
+    if isinstance(column.dtype, pl.Datetime):
+        # An offset can move a valid stamp out of range (0001-01-01T00:00+01:00 is in year 0
+        # in UTC): no Python datetime holds it, so reading the row back would fail later.
+        def unrepresentable(_value: object, _parsed: object) -> str:
+            return f"{label} is outside the years 1-9999 in UTC"
+
+        years = parsed.dt.year()
+        checks.append(
+            _Check(name, ((years < 1) | (years > 9999)).fill_null(False), unrepresentable)
+        )
 
     if column.minimum is not None:
         minimum = column.minimum

@@ -167,7 +167,7 @@ from service.store.deltas import (
 )
 from service.store.stock_cells import parse_stock_cells
 
-__all__ = ["STOCK_CHANGES_RETENTION_MS", "AnyRedis", "RedisSnapshotStore"]
+__all__ = ["AnyRedis", "RedisSnapshotStore"]
 
 AnyRedis = redis.asyncio.Redis | RedisCluster
 
@@ -707,8 +707,8 @@ class RedisSnapshotStore:
 
     @property
     def follows_stock_changes(self) -> bool:
-        """Whether ``stock_cells`` and ``stock_changes`` work here: on a single Redis. (On
-        Cluster the load's transaction would span slots; the mirror stays off there.)"""
+        """Whether a stock mirror can follow this store: on a single Redis. (On Cluster one
+        blocking XREAD cannot cover every node's change stream: they lie on other slots.)"""
         return not self._cluster
 
     async def stock_change_ids(self, version: str, node_ids: Sequence[str]) -> list[bytes]:
