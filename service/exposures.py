@@ -392,7 +392,7 @@ class ExposureRecorder:
             self._wake.clear()
             if self._stopping:
                 return
-            if not await self.flush():
+            if not await self.flush() and not self._stopping:
                 await asyncio.sleep(_RETRY_BACKOFF_S)
 
     async def flush(self) -> bool:
@@ -415,9 +415,15 @@ class ExposureRecorder:
         if self._task is not None:
             self._stopping = True
             self._wake.set()
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            # Let a write in flight finish: cancelled mid-write, the batch would stay queued
+            # though the sink may have it (a file write in its thread always completes), and
+            # the flush below would store it twice. Cancelled only past the timeout.
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), timeout=timeout_s)
+            except TimeoutError:
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
             self._task = None
         try:
             await asyncio.wait_for(self.flush(), timeout=timeout_s)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from datetime import datetime
 from pathlib import Path
 
@@ -335,3 +336,29 @@ def test_close_returns_when_a_flush_is_woken_as_it_stops(tmp_path: Path) -> None
         return written
 
     assert asyncio.run(scenario()) == 200
+
+
+class _SlowFileSink(FileExposureSink):
+    """The real file sink, each append taking a while: a write is in flight when close()
+    comes (as when CI found every exposure stored twice)."""
+
+    def _append(self, payload: bytes) -> None:
+        time.sleep(0.05)
+        super()._append(payload)
+
+
+def test_close_during_a_write_stores_each_exposure_once(tmp_path: Path) -> None:
+    settings = Settings(state_dir=tmp_path / "state")
+    sink = _SlowFileSink(tmp_path / "exposures.jsonl")
+
+    async def scenario() -> None:
+        recorder = ExposureRecorder(sink, pseudonymizer_for(settings), capacity=100, batch_size=5)
+        recorder.start()
+        for number in range(5):  # a full batch wakes the flush task
+            recorder.record(query(), result(f"req-{number}"), now=NOW)
+        await asyncio.sleep(0.01)  # ... which is now inside the write
+        await recorder.close()
+
+    asyncio.run(scenario())
+    stored = asyncio.run(exposures_frame(sink))
+    assert stored.get_column("request_id").to_list() == [f"req-{n}" for n in range(5)]
