@@ -142,9 +142,7 @@ class ItemItemGenerator:
             NEIGHBOUR_SCORE_AS_IS,
             False,
         )
-        return Candidates(
-            item_idx=items, score=scores, kind=np.full(items.shape[0], self.kind, np.int8)
-        )
+        return Candidates(item_idx=items, score=scores, kind=kind_column(self.kind, items.shape[0]))
 
 
 class AlsGenerator:
@@ -168,9 +166,8 @@ class AlsGenerator:
         n_users = self._user_factors.shape[0]
         if not 0 <= user_row < n_users:
             raise ValueError(f"user_row {user_row} out of range for {n_users} users")
-        scores = self._item_factors @ self._user_factors[user_row]
-        best = _best_positions(scores, count)
-        return _candidates(best, np.clip(scores[best], 0.0, 1.0), self.kind)
+        items, scores = best_clipped(self._item_factors @ self._user_factors[user_row], count)
+        return Candidates(item_idx=items, score=scores, kind=kind_column(self.kind, items.shape[0]))
 
 
 class PopularityGenerator:
@@ -269,13 +266,16 @@ class HybridGenerator:
         if not active:
             return empty_candidates()
 
-        item_idx = np.concatenate([part.item_idx for part, _ in active]).astype(np.int32)
-        contribution = np.concatenate(
-            [part.score.astype(np.float64) * weight for part, weight in active]
-        )
-        kinds = np.concatenate([part.kind for part, _ in active]).astype(np.int8)
-        items, scores, item_kinds = merge_sources(
-            item_idx, contribution, kinds, sum(w for _, w in active), count
+        # One compiled merge weighs and sums the sources' entries: per-source numpy steps
+        # cost more than the merge itself.
+        items, scores, item_kinds = merge_weighted_sources(
+            np.concatenate([part.item_idx for part, _ in active]).astype(np.int32, copy=False),
+            np.concatenate([part.score for part, _ in active]).astype(np.float32, copy=False),
+            np.concatenate([part.kind for part, _ in active]).astype(np.int8, copy=False),
+            np.array([len(part) for part, _ in active], dtype=np.int64),
+            np.array([weight for _, weight in active], dtype=np.float64),
+            sum(weight for _, weight in active),
+            count,
         )
         return Candidates(item_idx=items, score=scores, kind=item_kinds)
 
@@ -297,16 +297,32 @@ def _candidates(
     return Candidates(
         item_idx=item_idx.astype(np.int32),
         score=score.astype(np.float32),
-        kind=np.full(item_idx.shape[0], kind, dtype=np.int8),
+        kind=kind_column(kind, item_idx.shape[0]),
     )
+
+
+# Read-only columns of one kind, sliced per request instead of filled: a generator answers
+# a few hundred candidates of its one kind many times a second.
+_KIND_COLUMNS: dict[int, npt.NDArray[np.int8]] = {}
+
+
+def kind_column(kind: Kind, size: int) -> npt.NDArray[np.int8]:
+    """``size`` entries of ``kind`` (read-only)."""
+    column = _KIND_COLUMNS.get(kind)
+    if column is None or column.shape[0] < size:
+        column = np.full(max(size, 4096), kind, dtype=np.int8)
+        column.setflags(write=False)
+        _KIND_COLUMNS[kind] = column
+    return column[:size]
 
 
 def _anchor_rows(anchors: npt.ArrayLike, n_items: int) -> npt.NDArray[np.int64]:
     """Unique anchor indexes, sorted; a ValueError for one outside the model."""
-    rows = np.unique(np.asarray(anchors, dtype=np.int64).ravel())
-    if rows.size and (rows[0] < 0 or rows[-1] >= n_items):
-        raise ValueError(f"anchor item indexes must be in [0, {n_items}): got {rows.tolist()}")
-    return rows
+    # A set over the few anchors of a request: np.unique's machinery cost ~8 us a call.
+    values = sorted(set(np.asarray(anchors, dtype=np.int64).ravel().tolist()))
+    if values and (values[0] < 0 or values[-1] >= n_items):
+        raise ValueError(f"anchor item indexes must be in [0, {n_items}): got {values}")
+    return np.array(values, dtype=np.int64)
 
 
 def _best_positions(scores: npt.NDArray[np.floating], count: int) -> npt.NDArray[np.intp]:
@@ -528,6 +544,71 @@ def merge_sources(
 
 
 @compiled
+def merge_weighted_sources(  # noqa: PLR0917 (a compiled loop: no keyword-only arguments)
+    item_idx: npt.NDArray[np.int32],
+    scores: npt.NDArray[np.float32],
+    kinds: npt.NDArray[np.int8],
+    lengths: npt.NDArray[np.int64],
+    weights: npt.NDArray[np.float64],
+    weight_sum: float,
+    count: int,
+) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.float32], npt.NDArray[np.int8]]:
+    """``merge_sources`` of sources given as concatenated entries, ``lengths[s]`` of them from
+    source ``s``, each contributing its score times ``weights[s]``."""
+    contribution = np.empty(item_idx.shape[0], dtype=np.float64)
+    at = 0
+    for source in range(lengths.shape[0]):
+        weight = weights[source]
+        for _ in range(lengths[source]):
+            contribution[at] = np.float64(scores[at]) * weight
+            at += 1
+    return merge_sources(item_idx, contribution, kinds, weight_sum, count)
+
+
+@compiled
+def best_positions(scores: npt.NDArray[np.floating], count: int) -> npt.NDArray[np.intp]:
+    """``_best_positions`` compiled: the ``count`` highest, best first, ties by position."""
+    size = scores.shape[0]
+    if size <= 4 * count:
+        return np.argsort(-scores, kind="mergesort")[: min(count, size)]
+    kth = size - count
+    threshold = np.partition(scores, kth)[kth]
+    chosen = np.empty(count, dtype=np.intp)
+    above = 0
+    for at in range(size):
+        if scores[at] > threshold:
+            chosen[above] = at
+            above += 1
+    filled = above
+    for at in range(size):
+        if filled == count:
+            break
+        if scores[at] == threshold:
+            chosen[filled] = at
+            filled += 1
+    chosen = np.sort(chosen[:filled])
+    keys = np.empty(filled, dtype=scores.dtype)
+    for at in range(filled):
+        keys[at] = -scores[chosen[at]]
+    return chosen[np.argsort(keys, kind="mergesort")]
+
+
+@compiled
+def best_clipped(
+    scores: npt.NDArray[np.floating], count: int
+) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.float32]]:
+    """The positions of the ``count`` highest scores, best first (``best_positions``), and
+    their scores clipped to [0, 1]."""
+    best = best_positions(scores, count)
+    items = np.empty(best.shape[0], dtype=np.int32)
+    clipped = np.empty(best.shape[0], dtype=np.float32)
+    for at in range(best.shape[0]):
+        items[at] = best[at]
+        clipped[at] = min(max(scores[best[at]], 0.0), 1.0)
+    return items, clipped
+
+
+@compiled
 def merge_neighbour_rows(  # noqa: PLR0917 (a compiled loop: no keyword-only arguments)
     neighbour_items: npt.NDArray[np.integer],
     neighbour_scores: npt.NDArray[np.floating],
@@ -592,6 +673,18 @@ def _warm_up_merges() -> None:
         1.5,
         2,
     )
+    merge_weighted_sources(
+        np.array([1, 0, 1], dtype=np.int32),
+        np.array([0.5, 0.25, 0.5], dtype=np.float32),
+        np.array([1, 2, 3], dtype=np.int8),
+        np.array([2, 1], dtype=np.int64),
+        np.array([1.0, 0.5]),
+        1.5,
+        2,
+    )
+    for scores in (np.array([0.5, 2.0, -1.0], dtype=np.float32), np.array([0.5, 2.0, -1.0])):
+        best_clipped(scores, 1)
+        best_clipped(scores, 3)
     table_items = np.array([[1, -1], [0, 1]], dtype=np.int32)
     table_scores = np.array([[0.5, 0.0], [0.25, 2.0]], dtype=np.float32)
     for score_kind, positive_only in ((NEIGHBOUR_SCORE_AS_IS, False), (NEIGHBOUR_SCORE_LIFT, True)):

@@ -35,7 +35,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from datetime import UTC, datetime
 
 import numpy as np
 import numpy.typing as npt
@@ -49,10 +48,11 @@ from models.candidates import (
     ItemItemGenerator,
     PopularityGenerator,
     _anchor_rows,
-    _best_positions,
     _candidates,
     _divide_by_max,
+    best_positions,
     empty_candidates,
+    kind_column,
     merge_neighbour_rows,
 )
 from models.interfaces import (
@@ -65,6 +65,7 @@ from models.interfaces import (
 )
 from rules.catalog import Catalog
 from rules.compiled import compiled, register_warm_up
+from rules.staleness import epoch_us
 
 IntArray = npt.NDArray[np.int32]
 _MICROSECONDS_PER_DAY = 86_400_000_000
@@ -194,9 +195,7 @@ class _NeighbourTableGenerator:
         items, scores = merge_neighbour_rows(
             self._table.items, self._table.scores, anchor_rows, count, self._score_kind, True
         )
-        return Candidates(
-            item_idx=items, score=scores, kind=np.full(items.shape[0], self.kind, np.int8)
-        )
+        return Candidates(item_idx=items, score=scores, kind=kind_column(self.kind, items.shape[0]))
 
 
 class FactorItemItemGenerator(_NeighbourTableGenerator):
@@ -282,14 +281,12 @@ class UpgradeGenerator:
             np.asarray(self._factors[anchor], dtype=np.float64),
             np.asarray(self._factors[member], dtype=np.float64),
         )
-        norms = self._norms[anchor].astype(np.float64) * self._norms[member]
-        similarity = np.divide(dots, norms, out=np.zeros_like(dots), where=norms > 0)
-        similar = similarity > self._min_similarity
-        items, best_similarity = _max_runs(member[similar], similarity[similar])
+        items, scores = _best_upgrades(
+            anchor, member, dots, self._norms, self._min_similarity, count
+        )
         if items.size == 0:
             return empty_candidates()
-        best = _best_positions(best_similarity, count)
-        return _candidates(items[best], np.clip(best_similarity[best], 0.0, 1.0), self.kind)
+        return Candidates(item_idx=items, score=scores, kind=kind_column(self.kind, items.shape[0]))
 
 
 @compiled
@@ -330,6 +327,51 @@ def _upgrade_pairs(  # noqa: PLR0917 (a compiled loop: no keyword-only arguments
     return pair_anchor[:pairs], pair_member[:pairs]
 
 
+@compiled
+def _best_upgrades(  # noqa: PLR0917 (a compiled loop: no keyword-only arguments)
+    anchor: npt.NDArray[np.int64],
+    member: npt.NDArray[np.int64],
+    dots: npt.NDArray[np.float64],
+    norms: npt.NDArray[np.floating],
+    min_similarity: float,
+    count: int,
+) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.float32]]:
+    """From the pairs' factor dot products: each member's best cosine similarity to an
+    anchor, members above ``min_similarity`` only, the ``count`` best (ties: the lower item),
+    scores clipped to [0, 1]."""
+    size = member.shape[0]
+    similar_items = np.empty(size, dtype=np.int64)
+    similarity = np.empty(size, dtype=np.float64)
+    kept = 0
+    for at in range(size):
+        norm = np.float64(norms[anchor[at]]) * norms[member[at]]
+        value = dots[at] / norm if norm > 0 else 0.0
+        if value > min_similarity:
+            similar_items[kept] = member[at]
+            similarity[kept] = value
+            kept += 1
+    order = np.argsort(similar_items[:kept], kind="mergesort")
+    items = np.empty(kept, dtype=np.int64)
+    best_similarity = np.empty(kept, dtype=np.float64)
+    runs = 0
+    for at in range(kept):
+        entry = order[at]
+        item = similar_items[entry]
+        if runs and items[runs - 1] == item:
+            best_similarity[runs - 1] = max(best_similarity[runs - 1], similarity[entry])
+        else:
+            items[runs] = item
+            best_similarity[runs] = similarity[entry]
+            runs += 1
+    best = best_positions(best_similarity[:runs], count)
+    chosen = np.empty(best.shape[0], dtype=np.int32)
+    scores = np.empty(best.shape[0], dtype=np.float32)
+    for at in range(best.shape[0]):
+        chosen[at] = items[best[at]]
+        scores[at] = min(max(best_similarity[best[at]], 0.0), 1.0)
+    return chosen, scores
+
+
 def _warm_up_upgrades() -> None:
     prices = np.array([1.0, 2.0, 2.5])
     _upgrade_pairs(
@@ -340,6 +382,15 @@ def _warm_up_upgrades() -> None:
         prices,
         prices / 2,
         3.0,
+    )
+    pairs = np.array([0, 0], dtype=np.int64)
+    _best_upgrades(
+        pairs,
+        np.array([1, 2], dtype=np.int64),
+        np.array([0.5, 0.25]),
+        np.array([1.0, 1.0, 0.0], dtype=np.float32),
+        0.0,
+        1,
     )
 
 
@@ -379,24 +430,67 @@ class ReplenishmentGenerator:
         if not 0 <= user_row < self._n_users:
             raise ValueError(f"user_row {user_row} out of range for {self._n_users} users")
         start, stop = int(cycles.indptr[user_row]), int(cycles.indptr[user_row + 1])
-        items = np.asarray(cycles.items[start:stop])
-        elapsed_days = (
-            _epoch_us(now) - cycles.last_purchase_us[start:stop]
-        ) / _MICROSECONDS_PER_DAY
-        ratio = elapsed_days / cycles.interval_days[start:stop].astype(np.float64)
-        due = ratio >= 1.0 - self._tolerance
-        items, ratio = items[due], ratio[due]
+        items, scores = _due_items(
+            cycles.items[start:stop],
+            cycles.last_purchase_us[start:stop],
+            cycles.interval_days[start:stop],
+            epoch_us(now),
+            1.0 - self._tolerance,
+            count,
+        )
         if items.size == 0:
             return empty_candidates()
-        score = np.minimum(ratio, 1.0 / ratio)
-        best = _best_positions(score, count)  # items ascend within a customer: ties by index
-        return _candidates(items[best], score[best], self.kind)
+        return Candidates(item_idx=items, score=scores, kind=kind_column(self.kind, items.shape[0]))
 
 
-def _epoch_us(moment: datetime) -> int:
-    if moment.tzinfo is not None:
-        moment = moment.astimezone(UTC).replace(tzinfo=None)
-    return int(np.datetime64(moment, "us").astype(np.int64))
+@compiled
+def _due_items(  # noqa: PLR0917 (a compiled loop: no keyword-only arguments)
+    items: npt.NDArray[np.integer],
+    last_purchase_us: npt.NDArray[np.int64],
+    interval_days: npt.NDArray[np.floating],
+    now_us: int,
+    due_ratio: float,
+    count: int,
+) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.float32]]:
+    """One customer's cycles (items ascending) that are due: days since the last purchase
+    over the interval at least ``due_ratio``, scored ``min(r, 1 / r)``; the ``count`` best
+    (ties: the lower item)."""
+    size = items.shape[0]
+    due_items = np.empty(size, dtype=np.int64)
+    due_scores = np.empty(size, dtype=np.float64)
+    due = 0
+    for at in range(size):
+        elapsed_days = (now_us - last_purchase_us[at]) / _MICROSECONDS_PER_DAY
+        interval = np.float64(interval_days[at])
+        if interval != 0:
+            ratio = elapsed_days / interval
+        else:  # as numpy divides (compiled code would raise): inf, or NaN for 0 / 0
+            ratio = np.inf * np.sign(elapsed_days) if elapsed_days != 0 else np.nan
+        if ratio >= due_ratio:
+            due_items[due] = items[at]
+            due_scores[due] = min(ratio, 1.0 / ratio)
+            due += 1
+    best = best_positions(due_scores[:due], count)
+    chosen = np.empty(best.shape[0], dtype=np.int32)
+    scores = np.empty(best.shape[0], dtype=np.float32)
+    for at in range(best.shape[0]):
+        chosen[at] = due_items[best[at]]
+        scores[at] = due_scores[best[at]]
+    return chosen, scores
+
+
+def _warm_up_replenishment() -> None:
+    _due_items(
+        np.array([1, 2], dtype=np.int32),
+        np.array([0, 10], dtype=np.int64),
+        np.array([1.0, 2.0], dtype=np.float32),
+        _MICROSECONDS_PER_DAY * 3,
+        0.8,
+        1,
+    )
+
+
+register_warm_up(_warm_up_replenishment)
 
 
 # -- popularity by category and region ---------------------------------------------------
@@ -463,7 +557,7 @@ class SegmentPopularityGenerator:
             if items.size == 0:
                 return empty_candidates()
             return Candidates(
-                item_idx=items, score=scores, kind=np.full(items.shape[0], self.kind, np.int8)
+                item_idx=items, score=scores, kind=kind_column(self.kind, items.shape[0])
             )
         if region_row is not None and self._region_order is not None:
             ranked = self._region_order[region_row, :count]
@@ -476,11 +570,12 @@ class SegmentPopularityGenerator:
     ) -> npt.NDArray[np.int64]:
         if self._facts is None:
             return np.empty(0, dtype=np.int64)
-        codes = self._facts.category_code[anchor_rows].astype(np.int64)
+        # A set over a request's few codes: np.unique's machinery costs more than the work.
+        codes = set(self._facts.category_code[anchor_rows].tolist())
         if context is not None and context.categories:
-            named = [self._category_of.get(name, -1) for name in context.categories]
-            codes = np.concatenate([codes, np.asarray(named, dtype=np.int64)])
-        return np.unique(codes[codes >= 0])
+            codes.update(self._category_of.get(name, -1) for name in context.categories)
+        codes.discard(-1)
+        return np.array(sorted(codes), dtype=np.int64)
 
 
 @compiled

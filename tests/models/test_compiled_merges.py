@@ -16,10 +16,20 @@ from models.candidates import (
     _run_starts,
     _run_sum,
     _sum_runs,
+    best_clipped,
+    best_positions,
     merge_neighbour_rows,
     merge_sources,
+    merge_weighted_sources,
 )
-from models.generators import _Groups, _segment_best, _upgrade_pairs
+from models.generators import (
+    _best_upgrades,
+    _due_items,
+    _Groups,
+    _max_runs,
+    _segment_best,
+    _upgrade_pairs,
+)
 
 
 def numpy_merge_sources(
@@ -178,3 +188,91 @@ def test_segment_best_equals_the_numpy_form(seed: int) -> None:
     assert items.dtype == np.int32
     assert scores.dtype == np.float32
     assert scores.tolist() == _divide_by_max(member_shares[best]).tolist()
+
+
+@pytest.mark.parametrize("seed", range(30))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_best_positions_and_clipping_equal_the_numpy_form(seed: int, dtype: type) -> None:
+    """Both branches (sorted outright, partitioned first), with ties at the threshold and
+    scores outside [0, 1]."""
+    rng = np.random.default_rng(seed)
+    scores = np.round(rng.uniform(-0.5, 1.5, int(rng.integers(1, 400))), 1).astype(dtype)
+    count = int(rng.choice([1, 3, 10, 50, 500]))
+    expected = _best_positions(scores, count)
+    assert best_positions(scores, count).tolist() == expected.tolist()
+    items, clipped = best_clipped(scores, count)
+    assert items.dtype == np.int32
+    assert clipped.dtype == np.float32
+    assert items.tolist() == expected.tolist()
+    assert clipped.tolist() == np.clip(scores[expected], 0.0, 1.0).astype(np.float32).tolist()
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_weighted_merge_equals_weighing_in_numpy(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n_items, sources = int(rng.integers(1, 200)), int(rng.integers(1, 9))
+    parts = [
+        rng.choice(n_items, size=int(rng.integers(0, n_items + 1)), replace=False)
+        for _ in range(sources)
+    ]
+    scores = [np.round(rng.random(len(part)), 1).astype(np.float32) for part in parts]
+    weights = rng.uniform(0.05, 1.0, sources)
+    kinds = np.concatenate([np.full(len(part), k, np.int8) for k, part in enumerate(parts)])
+    item_idx = np.concatenate(parts).astype(np.int32)
+    count = int(rng.integers(1, n_items + 2))
+    contribution = np.concatenate(
+        [score.astype(np.float64) * weight for score, weight in zip(scores, weights, strict=True)]
+    )
+    weighted = merge_weighted_sources(
+        item_idx,
+        np.concatenate(scores).astype(np.float32),
+        kinds,
+        np.array([len(part) for part in parts], dtype=np.int64),
+        weights,
+        float(weights.sum()),
+        count,
+    )
+    expected = merge_sources(item_idx, contribution, kinds, float(weights.sum()), count)
+    assert [array.tolist() for array in weighted] == [array.tolist() for array in expected]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_best_upgrades_equal_the_numpy_form(seed: int) -> None:
+    """Pairs with zero norms, members of several anchors, similarities tied and outside
+    [0, 1]."""
+    rng = np.random.default_rng(seed)
+    n_items, pairs = 60, int(rng.integers(0, 150))
+    norms = np.round(rng.uniform(-0.2, 2.0, n_items), 1).clip(0.0, None).astype(np.float32)
+    anchor = rng.integers(0, n_items, size=pairs).astype(np.int64)
+    member = rng.integers(0, n_items, size=pairs).astype(np.int64)
+    dots = np.round(rng.uniform(-1.0, 3.0, pairs), 1)
+    min_similarity, count = float(rng.choice([-1.0, 0.0, 0.3])), int(rng.choice([1, 4, 100]))
+
+    products = norms[anchor].astype(np.float64) * norms[member]
+    similarity = np.divide(dots, products, out=np.zeros_like(dots), where=products > 0)
+    similar = similarity > min_similarity
+    expected_items, best_similarity = _max_runs(member[similar], similarity[similar])
+    best = _best_positions(best_similarity, count)
+    items, scores = _best_upgrades(anchor, member, dots, norms, min_similarity, count)
+    assert items.tolist() == expected_items[best].tolist()
+    assert scores.tolist() == np.clip(best_similarity[best], 0.0, 1.0).astype(np.float32).tolist()
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_due_items_equal_the_numpy_form(seed: int) -> None:
+    """Early, due and late cycles, a zero interval, counts above and below the due ones."""
+    rng = np.random.default_rng(seed)
+    size, day = int(rng.integers(0, 40)), 86_400_000_000
+    items = np.sort(rng.choice(1000, size=size, replace=False)).astype(np.int32)
+    interval_days = rng.choice([0.0, 1.0, 7.0, 30.5], size=size).astype(np.float32)
+    now_us = 1_700_000_000_000_000
+    last_purchase_us = now_us - rng.integers(-day, 60 * day, size=size)
+    count = int(rng.choice([1, 3, 50]))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = ((now_us - last_purchase_us) / day) / interval_days.astype(np.float64)
+        due = ratio >= 0.8
+        score = np.minimum(ratio[due], 1.0 / ratio[due])
+    best = _best_positions(score, count)
+    chosen, scores = _due_items(items, last_purchase_us, interval_days, now_us, 0.8, count)
+    assert chosen.tolist() == items[due][best].tolist()
+    assert scores.tolist() == score[best].astype(np.float32).tolist()
