@@ -36,7 +36,7 @@ from models.interfaces import (
     Kind,
     ModelArtifacts,
 )
-from rules.compiled import compiled, compiled_inline, register_warm_up
+from rules.compiled import compiled, compiled_inline, read_only, register_warm_up
 
 IntArray = npt.NDArray[np.int32]
 FloatArray = npt.NDArray[np.float32]
@@ -687,10 +687,18 @@ def _warm_up_merges() -> None:
         best_clipped(scores, 3)
     table_items = np.array([[1, -1], [0, 1]], dtype=np.int32)
     table_scores = np.array([[0.5, 0.0], [0.25, 2.0]], dtype=np.float32)
-    for score_kind, positive_only in ((NEIGHBOUR_SCORE_AS_IS, False), (NEIGHBOUR_SCORE_LIFT, True)):
-        merge_neighbour_rows(
-            table_items, table_scores, np.array([0], dtype=np.int64), 2, score_kind, positive_only
-        )
+    # Served tables are memory-mapped read-only, trained ones in memory: both types.
+    for items, scores in (
+        (table_items, table_scores),
+        tuple(map(read_only, (table_items, table_scores))),
+    ):
+        for score_kind, positive_only in (
+            (NEIGHBOUR_SCORE_AS_IS, False),
+            (NEIGHBOUR_SCORE_LIFT, True),
+        ):
+            merge_neighbour_rows(
+                items, scores, np.array([0], dtype=np.int64), 2, score_kind, positive_only
+            )
 
 
 register_warm_up(_warm_up_merges)

@@ -64,7 +64,7 @@ from models.interfaces import (
     NeighbourTable,
 )
 from rules.catalog import Catalog
-from rules.compiled import compiled, register_warm_up
+from rules.compiled import compiled, read_only, register_warm_up
 from rules.staleness import epoch_us
 
 IntArray = npt.NDArray[np.int32]
@@ -480,14 +480,14 @@ def _due_items(  # noqa: PLR0917 (a compiled loop: no keyword-only arguments)
 
 
 def _warm_up_replenishment() -> None:
-    _due_items(
+    cycles = (
         np.array([1, 2], dtype=np.int32),
         np.array([0, 10], dtype=np.int64),
         np.array([1.0, 2.0], dtype=np.float32),
-        _MICROSECONDS_PER_DAY * 3,
-        0.8,
-        1,
     )
+    # Served cycles are memory-mapped read-only, trained ones in memory: both types.
+    for items, last_purchase_us, interval_days in (cycles, tuple(map(read_only, cycles))):
+        _due_items(items, last_purchase_us, interval_days, _MICROSECONDS_PER_DAY * 3, 0.8, 1)
 
 
 register_warm_up(_warm_up_replenishment)

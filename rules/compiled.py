@@ -19,22 +19,55 @@ from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
 import numba
+import numpy as np
+import numpy.typing as npt
 
-__all__ = ["compiled", "compiled_inline", "register_warm_up", "warm_up"]
+__all__ = [
+    "compiled",
+    "compiled_inline",
+    "compiled_signatures",
+    "read_only",
+    "register_warm_up",
+    "warm_up",
+]
 
 _Function = TypeVar("_Function", bound=Callable[..., Any])
 _WARM_UPS: list[Callable[[], object]] = []
+_DISPATCHERS: list[Any] = []
 
 
 def compiled(function: _Function) -> _Function:
     """``function`` compiled (lazily, on first call; cached on disk), same signature."""
-    return cast(_Function, numba.njit(cache=True, nogil=True)(function))
+    dispatcher = numba.njit(cache=True, nogil=True)(function)
+    _DISPATCHERS.append(dispatcher)
+    return cast(_Function, dispatcher)
 
 
 def compiled_inline(function: _Function) -> _Function:
     """``compiled``, and inlined into the compiled loops that call it: for a small step called
     once per run or row, where a call costs as much as the step."""
-    return cast(_Function, numba.njit(cache=True, nogil=True, inline="always")(function))
+    dispatcher = numba.njit(cache=True, nogil=True, inline="always")(function)
+    _DISPATCHERS.append(dispatcher)
+    return cast(_Function, dispatcher)
+
+
+def compiled_signatures() -> dict[str, int]:
+    """How many argument types each compiled loop is compiled for, by qualified name: a loop
+    called with types its warm-up did not use compiles then, inside a request."""
+    return {
+        f"{dispatcher.py_func.__module__}.{dispatcher.py_func.__qualname__}": len(
+            dispatcher.signatures
+        )
+        for dispatcher in _DISPATCHERS
+    }
+
+
+def read_only(array: npt.NDArray[Any]) -> npt.NDArray[Any]:
+    """A read-only copy of ``array``, for warm-ups: model artifacts are memory-mapped read-only,
+    and numba compiles a loop separately for read-only arrays."""
+    copy = np.array(array)
+    copy.setflags(write=False)
+    return copy
 
 
 def register_warm_up(run: Callable[[], object]) -> None:

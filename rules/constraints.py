@@ -788,6 +788,9 @@ def _warm_up() -> None:
     units = available_units(
         np.zeros((3, 2), dtype=np.int64), np.zeros((3, 2), dtype=np.int64), np.ones((3, 2), bool)
     )
+    # The stock mirror's figures are strided views of one (items, nodes, figures) array.
+    figures = np.zeros((3, 2, 2), dtype=np.int64)
+    available_units(figures[:, :, 0], figures[:, :, 1], np.ones((3, 2), bool))
     quantities = np.ones(len(units), dtype=np.int64)
     _basket_nodes(units, quantities, np.zeros(2), np.zeros(2, dtype=np.bool_))
     for charge_splits in (False, True):
