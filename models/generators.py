@@ -480,14 +480,15 @@ def _due_items(  # noqa: PLR0917 (a compiled loop: no keyword-only arguments)
 
 
 def _warm_up_replenishment() -> None:
-    cycles = (
-        np.array([1, 2], dtype=np.int32),
-        np.array([0, 10], dtype=np.int64),
-        np.array([1.0, 2.0], dtype=np.float32),
-    )
+    items = np.array([1, 2], dtype=np.int32)
+    last_purchase_us = np.array([0, 10], dtype=np.int64)
+    interval_days = np.array([1.0, 2.0], dtype=np.float32)
     # Served cycles are memory-mapped read-only, trained ones in memory: both types.
-    for items, last_purchase_us, interval_days in (cycles, tuple(map(read_only, cycles))):
-        _due_items(items, last_purchase_us, interval_days, _MICROSECONDS_PER_DAY * 3, 0.8, 1)
+    for cycles in (
+        (items, last_purchase_us, interval_days),
+        (read_only(items), read_only(last_purchase_us), read_only(interval_days)),
+    ):
+        _due_items(*cycles, _MICROSECONDS_PER_DAY * 3, 0.8, 1)
 
 
 register_warm_up(_warm_up_replenishment)
