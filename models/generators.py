@@ -484,11 +484,11 @@ def _warm_up_replenishment() -> None:
     last_purchase_us = np.array([0, 10], dtype=np.int64)
     interval_days = np.array([1.0, 2.0], dtype=np.float32)
     # Served cycles are memory-mapped read-only, trained ones in memory: both types.
-    for cycles in (
-        (items, last_purchase_us, interval_days),
-        (read_only(items), read_only(last_purchase_us), read_only(interval_days)),
-    ):
-        _due_items(*cycles, _MICROSECONDS_PER_DAY * 3, 0.8, 1)
+    now_us = _MICROSECONDS_PER_DAY * 3
+    _due_items(items, last_purchase_us, interval_days, now_us, 0.8, 1)
+    _due_items(
+        read_only(items), read_only(last_purchase_us), read_only(interval_days), now_us, 0.8, 1
+    )
 
 
 register_warm_up(_warm_up_replenishment)
