@@ -6,7 +6,8 @@ older than the policy's limit is not trusted: the pipeline treats that cell as i
 were not ranged there (fail closed), so nothing is recommended on it, and says so in the
 response's ``degraded`` reasons.
 
-Pure numpy; the same instant conventions as the data contract (naive datetimes are UTC).
+Pure functions over arrays; the same instant conventions as the data contract (naive
+datetimes are UTC).
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["epoch_us", "fresh_stock_mask"]
+from rules.compiled import compiled, register_warm_up
+
+__all__ = ["epoch_us", "fresh_stock_mask", "trusted_stock_units"]
 
 _EPOCH = datetime(1970, 1, 1)
 _ONE_MICROSECOND = timedelta(microseconds=1)
@@ -47,3 +50,89 @@ def fresh_stock_mask(
     # Integer microseconds: comparing in float64 would lose the last digits of an epoch time.
     oldest_trusted = now_us - round(max_age_seconds * 1_000_000)
     return np.asarray(known & (as_of_us >= oldest_trusted), dtype=np.bool_)
+
+
+# How ``trusted_stock_units`` judges a figure's age.
+_TRUST_RANGED = 0  # no age limit: every ranged figure
+_TRUST_KNOWN = 1  # an infinite limit: every figure whose as_of is known
+_TRUST_RECENT = 2  # a figure known and at least as new as the oldest trusted instant
+
+
+def trusted_stock_units(
+    atp: npt.NDArray[np.int64],
+    safety_stock: npt.NDArray[np.int64],
+    inbound: npt.NDArray[np.int64],
+    ranged: npt.NDArray[np.bool_],
+    as_of_us: npt.NDArray[np.int64],
+    *,
+    now_us: int,
+    max_age_seconds: float | None,
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], bool]:
+    """Units that may be promised and inbound units, of the cells trusted: ranged, and with
+    ``max_age_seconds`` also fresh (``fresh_stock_mask``); ATP minus safety stock, or -1,
+    and inbound, or 0, where a cell is not trusted. Also whether some ranged cell was too
+    old to trust. One pass over the cells (each figure (items, nodes), any layout): the
+    numpy form was a dozen calls on a few hundred cells."""
+    if max_age_seconds is None:
+        mode, oldest_trusted = _TRUST_RANGED, 0
+    elif math.isnan(max_age_seconds) or max_age_seconds < 0:
+        raise ValueError(f"max_age_seconds must be >= 0, got {max_age_seconds}")
+    elif math.isinf(max_age_seconds):
+        mode, oldest_trusted = _TRUST_KNOWN, 0
+    else:
+        mode, oldest_trusted = _TRUST_RECENT, now_us - round(max_age_seconds * 1_000_000)
+    return _trusted_units(atp, safety_stock, inbound, ranged, as_of_us, mode, oldest_trusted)
+
+
+@compiled
+def _trusted_units(  # noqa: PLR0917 (a compiled loop: no keyword-only arguments)
+    atp: npt.NDArray[np.int64],
+    safety_stock: npt.NDArray[np.int64],
+    inbound: npt.NDArray[np.int64],
+    ranged: npt.NDArray[np.bool_],
+    as_of_us: npt.NDArray[np.int64],
+    mode: int,
+    oldest_trusted: int,
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], bool]:
+    rows, columns = atp.shape
+    available = np.empty((rows, columns), np.int64)
+    trusted_inbound = np.empty((rows, columns), np.int64)
+    any_stale = False
+    for row in range(rows):
+        for column in range(columns):
+            trusted = ranged[row, column]
+            if trusted and mode != _TRUST_RANGED:
+                as_of = as_of_us[row, column]
+                fresh = as_of > 0 and (mode == _TRUST_KNOWN or as_of >= oldest_trusted)
+                if not fresh:
+                    any_stale = True
+                    trusted = False
+            if trusted:
+                available[row, column] = atp[row, column] - safety_stock[row, column]
+                trusted_inbound[row, column] = inbound[row, column]
+            else:
+                available[row, column] = -1
+                trusted_inbound[row, column] = 0
+    return available, trusted_inbound, any_stale
+
+
+def _warm_up() -> None:
+    # The store reads row-major figures; the stock mirror's are strided views of one
+    # (items, nodes, figures) array.
+    cells = np.zeros((2, 2), dtype=np.int64)
+    figures = np.zeros((2, 2, 4), dtype=np.int64)
+    ranged = np.ones((2, 2), dtype=np.bool_)
+    for max_age in (None, math.inf, 60.0):
+        trusted_stock_units(cells, cells, cells, ranged, cells, now_us=1, max_age_seconds=max_age)
+        trusted_stock_units(
+            figures[:, :, 0],
+            figures[:, :, 1],
+            figures[:, :, 2],
+            ranged,
+            figures[:, :, 3],
+            now_us=1,
+            max_age_seconds=max_age,
+        )
+
+
+register_warm_up(_warm_up)

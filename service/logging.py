@@ -32,3 +32,10 @@ def configure_logging(*, level: str = "info", json: bool = True) -> None:
         else structlog.PrintLoggerFactory(sys.stderr),
         cache_logger_on_first_use=False,
     )
+
+
+def is_enabled_for(level: int) -> bool:
+    """Whether structlog, as configured now, logs ``level``: for work done only to be logged.
+    A module's lazy logger answers the same but binds a whole logger per call (~4 us)."""
+    check = getattr(structlog.get_config()["wrapper_class"], "is_enabled_for", None)
+    return True if check is None else bool(check(None, level))

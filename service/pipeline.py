@@ -40,7 +40,6 @@ from rules.constraints import (
     CandidateFacts,
     RequestFacts,
     apply_constraints,
-    available_units,
     basket_shipping_nodes,
     candidate_facts,
     sellable_stock,
@@ -52,14 +51,15 @@ from rules.experiments import Assignment, arm_policy, assign
 from rules.policy import Channel
 from rules.ranking import RankingInputs, ScoreParts, rank, score
 from rules.reasons import DropReason, ShowReason
-from rules.staleness import epoch_us, fresh_stock_mask
+from rules.staleness import epoch_us, trusted_stock_units
 from service.explain.base import Explainer, ExplanationRequest, ExplanationSource
 from service.explain.explainer import TemplateExplainer
 from service.explain.requests import explanation_request
 from service.exposures import ExposureRecorder
+from service.logging import is_enabled_for
 from service.mirror import ServingSnapshot, SnapshotMirror
 from service.stock_mirror import StockMirror
-from service.store.base import SnapshotStore, StockMatrix
+from service.store.base import SnapshotStore, StockFigures, StockMatrix
 
 log = structlog.get_logger(__name__)
 
@@ -68,6 +68,9 @@ IntArray = npt.NDArray[np.int64]
 # Rule codes by ``DropReason`` value (the values are 0, 1, 2, ...: counted by bincount).
 _DROP_CODES: tuple[str, ...] = tuple(reason.code for reason in sorted(DropReason))
 assert [reason.value for reason in sorted(DropReason)] == list(range(len(_DROP_CODES)))
+
+_KIND_BY_VALUE: dict[int, Kind] = {kind.value: kind for kind in Kind}  # Kind(v) costs ~1 us
+_KIND_WIRE: dict[int, str] = {kind.value: kind.wire for kind in Kind}
 
 _LEAD_REASON_BY_KIND: dict[Kind, ShowReason] = {
     Kind.CROSS_SELL: ShowReason.BOUGHT_TOGETHER,
@@ -246,8 +249,8 @@ class Recommender:
             policy.experiments,
             channel=query.channel,
             categories=(
-                catalog.categories[int(code)]
-                for code in np.unique(catalog.category_code[excluded_pos])
+                catalog.categories[code]
+                for code in sorted(set(catalog.category_code[excluded_pos].tolist()))
             ),
             store_id=query.store_id,
             customer_id=query.customer_id,
@@ -359,7 +362,7 @@ class Recommender:
         reasons_by_item: list[tuple[ShowReason, ...]] = []
         for rank_index, pos in enumerate(positions):
             column = columns[rank_index]
-            kind = Kind(kinds[rank_index])
+            kind = _KIND_BY_VALUE[kinds[rank_index]]
             reasons = (
                 _LEAD_REASON_BY_KIND[kind],
                 ShowReason.IN_STOCK_AT_STORE
@@ -398,7 +401,7 @@ class Recommender:
                 RecommendedItem(
                     sku=catalog.skus[pos],
                     name=catalog.names[pos],
-                    kind=Kind(kinds[rank_index]).wire,
+                    kind=_KIND_WIRE[kinds[rank_index]],
                     score=final,
                     unit_price=round(prices[rank_index], 4),
                     unit_margin=unit_margin,
@@ -435,7 +438,7 @@ class Recommender:
         # for a debug trace: most requests need the counts alone.
         dropped_skus = (
             self._model_skus[all_judged.item_idx[dropped_rows]]
-            if query.debug or log.is_enabled_for(logging.INFO)
+            if query.debug or is_enabled_for(logging.INFO)
             else None
         )
         dropped_skus_by_rule = (
@@ -693,16 +696,16 @@ class Recommender:
         shape = (len(catalog_pos), len(nodes.positions))
         if not shape[0] or not shape[1]:
             return _unseen_stock(shape)
-        skus = tuple(map(serving.catalog.skus.__getitem__, catalog_pos.tolist()))
         version = serving.meta.version
         mirrored = self._stock_mirror
-        stock = (
-            mirrored.read(version, catalog_pos, nodes.positions, skus)
+        figures = (
+            mirrored.figures(version, catalog_pos, nodes.positions)
             if mirrored is not None
             else None
         )
-        if stock is not None:
-            return self._trusted_stock(serving, stock, degraded, now=now)
+        if figures is not None:
+            return self._trusted_stock(serving, figures, degraded, now=now)
+        skus = tuple(map(serving.catalog.skus.__getitem__, catalog_pos.tolist()))
         node_ids = serving.nodes.ids(nodes.positions)
         remembering = serving.policy.policy.stock.on_unavailable == "last_known"
         try:
@@ -731,21 +734,29 @@ class Recommender:
 
     @staticmethod
     def _trusted_stock(
-        serving: ServingSnapshot, stock: StockMatrix, degraded: list[str], *, now: datetime
+        serving: ServingSnapshot,
+        stock: StockFigures | StockMatrix,
+        degraded: list[str],
+        *,
+        now: datetime,
     ) -> tuple[IntArray, IntArray, npt.NDArray[np.bool_]]:
         """Available, inbound and ranged of ``stock``, figures too old for the policy left out."""
-        trusted = stock.ranged
         max_age = serving.policy.policy.stock.max_age_seconds
-        if max_age is not None:
-            fresh = fresh_stock_mask(stock.as_of_us, now_us=epoch_us(now), max_age_seconds=max_age)
-            if (stock.ranged & ~fresh).any():
-                degraded.append(
-                    f"stale stock: figures older than {max_age:g}s are not trusted, "
-                    "nothing recommended on them"
-                )
-            trusted = stock.ranged & fresh
-        available = available_units(stock.atp, stock.safety_stock, trusted)
-        return available, np.where(trusted, stock.inbound, 0).astype(np.int64), stock.ranged
+        available, inbound, any_stale = trusted_stock_units(
+            stock.atp,
+            stock.safety_stock,
+            stock.inbound,
+            stock.ranged,
+            stock.as_of_us,
+            now_us=epoch_us(now),
+            max_age_seconds=max_age,
+        )
+        if any_stale:
+            degraded.append(
+                f"stale stock: figures older than {max_age:g}s are not trusted, "
+                "nothing recommended on them"
+            )
+        return available, inbound, stock.ranged
 
     @staticmethod
     def _log_decision(
@@ -809,8 +820,10 @@ def _unmodelled_categories(serving: ServingSnapshot, asked_pos: IntArray) -> tup
     """Categories of basket / PDP items the item master has and the model does not (new
     SKUs): cold-start popularity can still use them."""
     new_items = asked_pos[serving.catalog_to_model[asked_pos] < 0]
-    codes = np.unique(serving.catalog.category_code[new_items])
-    return tuple(serving.catalog.categories[int(code)] for code in codes)
+    if not new_items.size:
+        return ()
+    codes = sorted(set(serving.catalog.category_code[new_items].tolist()))
+    return tuple(serving.catalog.categories[code] for code in codes)
 
 
 def _concatenate(rounds: list[_Judged]) -> _Judged:

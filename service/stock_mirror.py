@@ -50,7 +50,7 @@ import structlog
 from rules.errors import NotReadyError, StoreError
 from rules.staleness import epoch_us
 from service.mirror import ServingSnapshot, SnapshotMirror
-from service.store.base import StockMatrix
+from service.store.base import StockFigures, StockMatrix
 from service.store.redis_store import RedisSnapshotStore
 from service.store.stock_cells import parse_stock_cells
 
@@ -142,6 +142,30 @@ class StockMirror:
         """Stock of the catalog positions at the node positions, as ``read_stock`` answers it;
         None unless the copy is of ``version`` and fresh (``stale_ok``: of ``version`` at all,
         for the last-known fallback)."""
+        figures = self.figures(version, catalog_pos, node_positions, stale_ok=stale_ok)
+        copy = self._copy
+        if figures is None or copy is None:
+            return None
+        node_ids = copy.node_ids
+        return StockMatrix(
+            skus=skus,
+            node_ids=tuple(node_ids[column] for column in node_positions.tolist()),
+            atp=figures.atp,
+            safety_stock=figures.safety_stock,
+            inbound=figures.inbound,
+            ranged=figures.ranged,
+            as_of_us=figures.as_of_us,
+        )
+
+    def figures(
+        self,
+        version: str,
+        catalog_pos: npt.NDArray[np.int64],
+        node_positions: npt.NDArray[np.int64],
+        *,
+        stale_ok: bool = False,
+    ) -> StockFigures | None:
+        """``read``'s figures alone: a request needs no SKUs and node ids with them."""
         copy = self._copy
         if copy is None or copy.version != version:
             return None
@@ -150,10 +174,7 @@ class StockMirror:
         rows = catalog_pos[:, np.newaxis]
         columns = node_positions[np.newaxis, :]
         figures = copy.figures[rows, columns]
-        node_ids = copy.node_ids
-        return StockMatrix(
-            skus=skus,
-            node_ids=tuple(node_ids[column] for column in node_positions.tolist()),
+        return StockFigures(
             atp=figures[:, :, _ATP],
             safety_stock=figures[:, :, _SAFETY],
             inbound=figures[:, :, _INBOUND],

@@ -54,6 +54,18 @@ class SnapshotMaster:
     nodes: pl.DataFrame
 
 
+@dataclass(frozen=True, eq=False)
+class StockFigures:
+    """The figures of a stock read, each of shape (items, nodes), without the SKUs and node
+    ids they are of: what the request path needs (``StockMatrix`` has them too)."""
+
+    atp: npt.NDArray[np.int64]
+    safety_stock: npt.NDArray[np.int64]
+    inbound: npt.NDArray[np.int64]
+    ranged: npt.NDArray[np.bool_]
+    as_of_us: npt.NDArray[np.int64]
+
+
 @dataclass(frozen=True)
 class StockMatrix:
     """Stock for some SKUs at some nodes, as dense arrays of shape (len(skus), len(nodes)).

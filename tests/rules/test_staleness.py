@@ -8,7 +8,8 @@ from datetime import UTC, datetime, timedelta, timezone
 import numpy as np
 import pytest
 
-from rules.staleness import epoch_us, fresh_stock_mask
+from rules.constraints import available_units
+from rules.staleness import epoch_us, fresh_stock_mask, trusted_stock_units
 
 NOW = datetime(2025, 3, 1, 12, 0)
 NOW_US = epoch_us(NOW)
@@ -74,3 +75,52 @@ def test_negative_or_nan_limit_is_refused(limit: float) -> None:
     """A limit that cannot mean an age raises ValueError naming the argument."""
     with pytest.raises(ValueError, match="max_age_seconds"):
         fresh_stock_mask(np.array([NOW_US]), now_us=NOW_US, max_age_seconds=limit)
+
+
+@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("max_age", [None, math.inf, 0.0, 3600.0])
+@pytest.mark.parametrize("strided", [False, True])
+def test_trusted_units_equal_the_numpy_form(
+    seed: int, max_age: float | None, strided: bool
+) -> None:
+    """Cells unranged, of unknown age, stale and fresh (the boundary included), as contiguous
+    arrays and as the stock mirror's strided views."""
+    rng = np.random.default_rng(seed)
+    shape = (int(rng.integers(0, 30)), int(rng.integers(1, 6)))
+    figures = np.stack(
+        [
+            rng.integers(-3, 20, shape),
+            rng.integers(0, 5, shape),
+            rng.integers(0, 9, shape),
+            NOW_US - rng.choice([0, 3_600_000_000, 3_600_000_001, NOW_US, -MINUTE_US], shape),
+        ],
+        axis=-1,
+    ).astype(np.int64)
+    atp, safety, inbound, as_of = (
+        (figures[:, :, k] for k in range(4))
+        if strided
+        else (np.ascontiguousarray(figures[:, :, k]) for k in range(4))
+    )
+    ranged = rng.random(shape) < 0.8
+    available, trusted_inbound, any_stale = trusted_stock_units(
+        atp, safety, inbound, ranged, as_of, now_us=NOW_US, max_age_seconds=max_age
+    )
+
+    trusted = ranged
+    expected_stale = False
+    if max_age is not None:
+        fresh = fresh_stock_mask(as_of, now_us=NOW_US, max_age_seconds=max_age)
+        expected_stale = bool((ranged & ~fresh).any())
+        trusted = ranged & fresh
+    assert available.tolist() == available_units(atp, safety, trusted).tolist()
+    assert trusted_inbound.tolist() == np.where(trusted, inbound, 0).tolist()
+    assert any_stale is expected_stale
+
+
+@pytest.mark.parametrize("max_age", [-1.0, math.nan])
+def test_trusted_units_refuse_a_negative_or_nan_age(max_age: float) -> None:
+    cells = np.zeros((1, 1), dtype=np.int64)
+    with pytest.raises(ValueError, match="max_age_seconds"):
+        trusted_stock_units(
+            cells, cells, cells, np.ones((1, 1), bool), cells, now_us=0, max_age_seconds=max_age
+        )
