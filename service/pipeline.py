@@ -19,6 +19,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from typing import NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -108,8 +109,9 @@ class RecommendationQuery:
     debug: bool = False
 
 
-@dataclass(frozen=True)
-class ScoreTrace:
+# Named tuples, not frozen dataclasses: as immutable, and built in a third of the time (a
+# response builds two per item shown).
+class ScoreTrace(NamedTuple):
     relevance: float
     p_accept: float
     unit_margin: float
@@ -120,8 +122,7 @@ class ScoreTrace:
     final: float
 
 
-@dataclass(frozen=True)
-class RecommendedItem:
+class RecommendedItem(NamedTuple):
     sku: str
     name: str
     kind: str
@@ -776,7 +777,7 @@ class Recommender:
             dropped=result.dropped_by_rule,
             dropped_skus=dropped_skus,
             shown=[
-                {"sku": item.sku, "kind": item.kind, **item.score_parts.__dict__}
+                {"sku": item.sku, "kind": item.kind, **item.score_parts._asdict()}
                 for item in result.items
             ],
             unknown_skus=len(result.unknown_skus),

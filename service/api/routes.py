@@ -187,7 +187,7 @@ def to_response(result: Recommendation, *, debug: bool) -> RecommendationRespons
                 for entry in result.dropped
             ],
             shown=[
-                ItemTraceOut(sku=item.sku, score_parts=ScorePartsOut(**item.score_parts.__dict__))
+                ItemTraceOut(sku=item.sku, score_parts=ScorePartsOut(**item.score_parts._asdict()))
                 for item in result.items
             ],
         )
