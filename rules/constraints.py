@@ -211,9 +211,9 @@ class CandidateFacts:
     an item not sold for home delivery). Whether an item is ranged is a separate fact,
     ``ranged_at_store`` (POS only): an item ranged at the store with nothing to sell is out
     of stock, not out of the assortment. Before the stock read (``candidate_facts``) the stock
-    arrays have no node columns and no master rule reads them; ``with_stock`` gives a subset
-    its read stock, ``with_stock_of`` spreads that back over every candidate. Stock arrays
-    are row-major, as the store reads them: the compiled loops walk each candidate's nodes.
+    arrays have no node columns and no master rule reads them; ``with_stock`` gives the subset
+    left for the stock rules its read stock. Stock arrays are row-major, as the store reads
+    them: the compiled loops walk each candidate's nodes.
     """
 
     catalog_pos: IntArray  # -1 where the item master lacks the SKU
@@ -275,23 +275,6 @@ class CandidateFacts:
             inbound=inbound,
             ranged_at_store=ranged_at_store,
             fulfilment_cost=self.fulfilment_cost[rows],
-        )
-
-    def with_stock_of(self, rows: IntArray, judged: CandidateFacts) -> CandidateFacts:
-        """Every candidate's facts with the stock and fulfilment cost of ``judged``, the
-        facts of ``rows`` after the stock read; the others (dropped before it) show no
-        stock to sell (-1), no inbound, not ranged at the store, NaN cost."""
-        count, nodes = len(self), judged.available.shape[1]
-        available = np.full((count, nodes), -1, dtype=np.int64)
-        inbound = np.zeros((count, nodes), dtype=np.int64)
-        ranged_at_store = np.zeros(count, dtype=np.bool_)
-        fulfilment_cost = np.full(count, np.nan)
-        available[rows] = judged.available
-        inbound[rows] = judged.inbound
-        ranged_at_store[rows] = judged.ranged_at_store
-        fulfilment_cost[rows] = judged.fulfilment_cost
-        return self._with_stock_arrays(
-            available, inbound, ranged_at_store, fulfilment_cost=fulfilment_cost
         )
 
     def _with_stock_arrays(

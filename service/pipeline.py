@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -69,6 +70,9 @@ IntArray = npt.NDArray[np.int64]
 # Rule codes by ``DropReason`` value (the values are 0, 1, 2, ...: counted by bincount).
 _DROP_CODES: tuple[str, ...] = tuple(reason.code for reason in sorted(DropReason))
 assert [reason.value for reason in sorted(DropReason)] == list(range(len(_DROP_CODES)))
+
+# Eligible node sets remembered per serving snapshot (channel x store or region).
+_ELIGIBLE_NODES_REMEMBERED = 4096
 
 _KIND_BY_VALUE: dict[int, Kind] = {kind.value: kind for kind in Kind}  # Kind(v) costs ~1 us
 _KIND_WIRE: dict[int, str] = {kind.value: kind.wire for kind in Kind}
@@ -176,7 +180,10 @@ class _Judged:
     relevance: npt.NDArray[np.float64]
     catalog_pos: IntArray
     drop_reason: npt.NDArray[np.int8]
-    facts: CandidateFacts  # of every candidate; stock columns filled for stock-stage rows
+    # Of the candidates the master rules left for the stock stage, with their stock: no rule
+    # or score reads the facts of one dropped before, so they are not spread back.
+    facts: CandidateFacts
+    fact_row: IntArray  # per candidate, its row of ``facts``; -1: dropped before the stock read
     node_column: IntArray  # -1 where no eligible node covers the quantity
     anchor_pos: IntArray  # catalog position of the item a candidate hangs on; -1: the basket
 
@@ -215,6 +222,9 @@ class Recommender:
         self._generator = generator
         self._user_row = {customer: row for row, customer in enumerate(artifacts.user_ids)}
         self._model_skus = np.asarray(artifacts.item_skus, dtype=object)
+        self._eligible_by_serving: weakref.WeakKeyDictionary[
+            ServingSnapshot, dict[tuple[Channel, str | None, str | None], EligibleNodes]
+        ] = weakref.WeakKeyDictionary()
 
     async def recommend(
         self,
@@ -257,13 +267,7 @@ class Recommender:
             customer_id=query.customer_id,
             session_id=query.session_id,
         )
-        nodes = eligible_nodes(
-            serving.nodes,
-            channel=query.channel,
-            store_id=query.store_id,
-            region=query.region,
-            policy=policy,
-        )
+        nodes = self._eligible_nodes(serving, query)
         degraded.extend(nodes.notes)
 
         # Which eligible nodes already ship the basket: read with the first candidates' stock.
@@ -343,15 +347,16 @@ class Recommender:
         shown_pos = all_judged.catalog_pos[shown]
         on_promotion = catalog.on_promotion(shown_pos, now=now).tolist()
         facts = all_judged.facts
+        shown_facts = all_judged.fact_row[shown]
         # Columns as Python lists once: per-item numpy scalar reads and float() calls cost
         # more than the rest of building the response.
         positions = shown_pos.tolist()
         columns = all_judged.node_column[shown].tolist()
         kinds = all_judged.kind[shown].tolist()
         own_anchors = all_judged.anchor_pos[shown].tolist()  # a substitute names what it replaces
-        prices = facts.effective_price[shown].tolist()
-        margins = facts.unit_margin[shown].tolist()
-        fulfilment = facts.fulfilment_cost[shown].tolist()
+        prices = facts.effective_price[shown_facts].tolist()
+        margins = facts.unit_margin[shown_facts].tolist()
+        fulfilment = facts.fulfilment_cost[shown_facts].tolist()
         relevance = all_judged.relevance[shown].tolist()
         finals = parts.final[order].tolist()
         p_accepts = p_accept[order].tolist()
@@ -560,14 +565,16 @@ class Recommender:
         drop_reason[survivors] = apply_constraints(stock_view, request, compiled, STOCK_CONSTRAINTS)
         node_column = np.full(count, -1, dtype=np.int64)
         node_column[survivors] = column
-        facts = facts.with_stock_of(survivors, stock_view)
+        fact_row = np.full(count, -1, dtype=np.int64)
+        fact_row[survivors] = np.arange(split)
         judged = _Judged(
             item_idx=candidates.item_idx,
             kind=candidates.kind,
             relevance=candidates.score.astype(np.float64),
             catalog_pos=catalog_pos,
             drop_reason=drop_reason,
-            facts=facts,
+            facts=stock_view,
+            fact_row=fact_row,
             node_column=node_column,
             anchor_pos=anchor_pos if anchor_pos is not None else np.full(count, -1, np.int64),
         )
@@ -633,6 +640,32 @@ class Recommender:
         )
         return judged, extra
 
+    def _eligible_nodes(
+        self, serving: ServingSnapshot, query: RecommendationQuery
+    ) -> EligibleNodes:
+        """``eligible_nodes`` for the query, remembered per serving snapshot (a new snapshot or
+        policy is a new one): a pure function of the channel and the store (POS) or region
+        (others), which most requests share. The arrays are shared between requests, which
+        only read them."""
+        remembered = self._eligible_by_serving.get(serving)
+        if remembered is None:
+            remembered = self._eligible_by_serving[serving] = {}
+        pos = query.channel == "pos"
+        key = (query.channel, query.store_id if pos else None, None if pos else query.region)
+        nodes = remembered.get(key)
+        if nodes is None:
+            nodes = eligible_nodes(
+                serving.nodes,
+                channel=query.channel,
+                store_id=query.store_id,
+                region=query.region,
+                policy=serving.policy.policy,
+            )
+            # Regions are the caller's free text: past the bound, computed each time.
+            if len(remembered) < _ELIGIBLE_NODES_REMEMBERED:
+                remembered[key] = nodes
+        return nodes
+
     def _rank(
         self,
         serving: ServingSnapshot,
@@ -645,9 +678,9 @@ class Recommender:
         compiled = arm_policy(serving.policy, assignment)
         catalog_pos = judged.catalog_pos[kept]
         columns = judged.node_column[kept]
-        rows = np.arange(len(kept))
+        rows = judged.fact_row[kept]  # a kept candidate passed the stock stage
         facts = judged.facts
-        stock_units = facts.available[kept][rows, columns] + facts.inbound[kept][rows, columns]
+        stock_units = facts.available[rows, columns] + facts.inbound[rows, columns]
         relevance = judged.relevance[kept]
         p_accept = (
             self._calibration.predict(relevance, judged.kind[kept])
@@ -656,13 +689,13 @@ class Recommender:
         )
         inputs = RankingInputs(
             catalog_pos=catalog_pos,
-            category_code=facts.category_code[kept],
+            category_code=facts.category_code[rows],
             relevance=relevance,
             p_accept=p_accept,
-            effective_price=facts.effective_price[kept],
-            unit_margin=facts.unit_margin[kept],
-            return_rate=facts.return_rate[kept],
-            fulfilment_cost=facts.fulfilment_cost[kept],
+            effective_price=facts.effective_price[rows],
+            unit_margin=facts.unit_margin[rows],
+            return_rate=facts.return_rate[rows],
+            fulfilment_cost=facts.fulfilment_cost[rows],
             stock_units=stock_units.astype(np.int64),
         )
         parts = score(inputs, compiled, query.channel)
@@ -831,6 +864,7 @@ def _concatenate(rounds: list[_Judged]) -> _Judged:
     if len(rounds) == 1:
         return rounds[0]
     facts = [judged.facts for judged in rounds]
+    offsets = np.cumsum([0, *(len(f) for f in facts[:-1])])
     return _Judged(
         item_idx=np.concatenate([r.item_idx for r in rounds]),
         kind=np.concatenate([r.kind for r in rounds]),
@@ -842,6 +876,12 @@ def _concatenate(rounds: list[_Judged]) -> _Judged:
                 name: np.concatenate([getattr(f, name) for f in facts])
                 for name in CandidateFacts.__dataclass_fields__
             }
+        ),
+        fact_row=np.concatenate(
+            [
+                np.where(r.fact_row >= 0, r.fact_row + offset, -1)
+                for r, offset in zip(rounds, offsets.tolist(), strict=True)
+            ]
         ),
         node_column=np.concatenate([r.node_column for r in rounds]),
         anchor_pos=np.concatenate([r.anchor_pos for r in rounds]),
