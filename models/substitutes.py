@@ -13,7 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from models.candidates import best_positions
 from models.interfaces import ModelArtifacts
+from rules.compiled import compiled, register_warm_up
 
 IntArray = npt.NDArray[np.int64]
 
@@ -60,38 +62,90 @@ class SubstituteFinder:
         Items of unknown category get none; a row proposed for several constrained items keeps
         its best score (and names that item); constrained rows are never proposed.
         """
-        constrained = np.unique(np.asarray(constrained_rows, dtype=np.int64))
-        found: list[tuple[IntArray, npt.NDArray[np.float64], int]] = []
+        constrained = np.array(
+            sorted(set(np.asarray(constrained_rows, dtype=np.int64).ravel().tolist())),
+            dtype=np.int64,
+        )
+        found: list[tuple[IntArray, npt.NDArray[np.floating], int]] = []
         if count_per_item > 0:
             # One pass per constrained basket line: a basket holds few of them.
-            for row in constrained:
-                category = self._category[row]
+            for row in constrained.tolist():
+                category = int(self._category[row])
                 if category < 0:
                     continue
-                same = self._members[self._indptr[category] : self._indptr[category + 1]]
-                same = same[~np.isin(same, constrained)]
+                same = _members_except(
+                    self._members[self._indptr[category] : self._indptr[category + 1]],
+                    constrained,
+                )
                 if not same.size:
                     continue
                 cosine = (self._factors[same] @ self._factors[row]) / (
                     self._norms[same] * self._norms[row]
                 )
-                top = np.argsort(-cosine, kind="stable")[:count_per_item]
-                found.append((same[top], (cosine[top] + 1.0) / 2.0, int(row)))
+                top = best_positions(cosine, count_per_item)
+                found.append((same[top], (cosine[top] + 1.0) / 2.0, row))
         if not found:
             return Substitutes(
                 item_idx=np.empty(0, dtype=np.int32),
                 score=np.empty(0, dtype=np.float32),
                 for_row=np.empty(0, dtype=np.int32),
             )
-        rows = np.concatenate([part[0] for part in found])
-        scores = np.concatenate([part[1] for part in found])
-        owners = np.concatenate([np.full(len(part[0]), part[2]) for part in found])
-        order = np.lexsort((rows, -scores))
-        rows, scores, owners = rows[order], scores[order], owners[order]
-        _, first = np.unique(rows, return_index=True)
-        keep = np.sort(first)
-        return Substitutes(
-            item_idx=rows[keep].astype(np.int32),
-            score=np.clip(scores[keep], 0.0, 1.0).astype(np.float32),
-            for_row=owners[keep].astype(np.int32),
+        item_idx, score, for_row = _best_of_each(
+            np.concatenate([part[0] for part in found]),
+            np.concatenate([part[1] for part in found]).astype(np.float64),
+            np.repeat(
+                np.array([part[2] for part in found], dtype=np.int64),
+                [len(part[0]) for part in found],
+            ),
         )
+        return Substitutes(item_idx=item_idx, score=score, for_row=for_row)
+
+
+@compiled
+def _members_except(members: IntArray, excluded: IntArray) -> IntArray:
+    """``members`` without those in ``excluded`` (sorted), in order."""
+    kept = np.empty(members.shape[0], dtype=np.int64)
+    count = 0
+    for member in members:
+        at = np.searchsorted(excluded, member)
+        if at < excluded.shape[0] and excluded[at] == member:
+            continue
+        kept[count] = member
+        count += 1
+    return kept[:count]
+
+
+@compiled
+def _best_of_each(
+    rows: IntArray, scores: npt.NDArray[np.float64], owners: IntArray
+) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.float32], npt.NDArray[np.int32]]:
+    """Entries best score first (ties: the lower row), each row once with its best entry,
+    scores clipped to [0, 1]: what ``np.lexsort((rows, -scores))`` and the first of each
+    row by ``np.unique`` give."""
+    by_row = np.argsort(rows, kind="mergesort")
+    order = by_row[np.argsort(-scores[by_row], kind="mergesort")]
+    distinct = np.unique(rows)
+    seen = np.zeros(distinct.shape[0], dtype=np.bool_)
+    item_idx = np.empty(distinct.shape[0], dtype=np.int32)
+    kept_scores = np.empty(distinct.shape[0], dtype=np.float32)
+    for_row = np.empty(distinct.shape[0], dtype=np.int32)
+    kept = 0
+    for entry in order:
+        slot = np.searchsorted(distinct, rows[entry])
+        if seen[slot]:
+            continue
+        seen[slot] = True
+        item_idx[kept] = rows[entry]
+        kept_scores[kept] = min(max(scores[entry], 0.0), 1.0)
+        for_row[kept] = owners[entry]
+        kept += 1
+    return item_idx, kept_scores, for_row
+
+
+def _warm_up() -> None:
+    members = np.array([1, 2, 3], dtype=np.int64)
+    _members_except(members, np.array([2], dtype=np.int64))
+    _best_of_each(members, np.array([0.5, 0.75, 0.5]), np.array([0, 0, 4], dtype=np.int64))
+
+
+register_warm_up(_warm_up)

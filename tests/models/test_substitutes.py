@@ -64,3 +64,53 @@ def test_categories_must_cover_the_model(artifacts: ModelArtifacts) -> None:
     """A category array of the wrong length is refused, naming both sizes."""
     with pytest.raises(ValueError, match="covers 3 items"):
         SubstituteFinder(artifacts, np.zeros(3, dtype=np.int64))
+
+
+def numpy_find(
+    finder: SubstituteFinder, constrained_rows: list[int], count_per_item: int
+) -> tuple[list[int], list[float], list[int]]:
+    """The numpy form ``find`` replaced: the oracle of its compiled steps."""
+    factors, norms = finder._factors, finder._norms
+    category, members, indptr = finder._category, finder._members, finder._indptr
+    constrained = np.unique(np.asarray(constrained_rows, dtype=np.int64))
+    found = []
+    for row in constrained:
+        if category[row] < 0:
+            continue
+        same = members[indptr[category[row]] : indptr[category[row] + 1]]
+        same = same[~np.isin(same, constrained)]
+        if not same.size:
+            continue
+        cosine = (factors[same] @ factors[row]) / (norms[same] * norms[row])
+        top = np.argsort(-cosine, kind="stable")[:count_per_item]
+        found.append((same[top], (cosine[top] + 1.0) / 2.0, int(row)))
+    if not found:
+        return [], [], []
+    rows = np.concatenate([part[0] for part in found])
+    scores = np.concatenate([part[1] for part in found])
+    owners = np.concatenate([np.full(len(part[0]), part[2]) for part in found])
+    order = np.lexsort((rows, -scores))
+    rows, scores, owners = rows[order], scores[order], owners[order]
+    _, first = np.unique(rows, return_index=True)
+    keep = np.sort(first)
+    return (
+        rows[keep].tolist(),
+        np.clip(scores[keep], 0.0, 1.0).astype(np.float32).tolist(),
+        owners[keep].tolist(),
+    )
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_find_equals_the_numpy_form(artifacts: ModelArtifacts, seed: int) -> None:
+    """Random categories (some unknown) and constrained rows (repeats, several per category),
+    counts below and above the category sizes."""
+    rng = np.random.default_rng(seed)
+    n_items = len(artifacts.item_skus)
+    category = rng.integers(-1, 3, size=n_items)
+    finder = SubstituteFinder(artifacts, category)
+    constrained = rng.integers(0, n_items, size=int(rng.integers(1, 6))).tolist()
+    count = int(rng.choice([1, 2, 5, 50]))
+    found = finder.find(constrained, count_per_item=count)
+    assert (found.item_idx.tolist(), found.score.tolist(), found.for_row.tolist()) == numpy_find(
+        finder, constrained, count
+    )
