@@ -685,6 +685,7 @@ def _warm_up_merges() -> None:
     for scores in (np.array([0.5, 2.0, -1.0], dtype=np.float32), np.array([0.5, 2.0, -1.0])):
         best_clipped(scores, 1)
         best_clipped(scores, 3)
+        best_positions(scores, 1)
     table_items = np.array([[1, -1], [0, 1]], dtype=np.int32)
     table_scores = np.array([[0.5, 0.0], [0.25, 2.0]], dtype=np.float32)
     # Served tables are memory-mapped read-only, trained ones in memory: both types.

@@ -67,12 +67,17 @@ def trusted_stock_units(
     *,
     now_us: int,
     max_age_seconds: float | None,
-) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], bool]:
+    rows: npt.NDArray[np.int64] | None = None,
+    columns: npt.NDArray[np.int64] | None = None,
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.bool_], bool]:
     """Units that may be promised and inbound units, of the cells trusted: ranged, and with
     ``max_age_seconds`` also fresh (``fresh_stock_mask``); ATP minus safety stock, or -1,
-    and inbound, or 0, where a cell is not trusted. Also whether some ranged cell was too
-    old to trust. One pass over the cells (each figure (items, nodes), any layout): the
-    numpy form was a dozen calls on a few hundred cells."""
+    and inbound, or 0, where a cell is not trusted. Also ``ranged`` itself and whether some
+    ranged cell was too old to trust.
+
+    The figures are (items, nodes) arrays of any layout; ``rows`` and ``columns`` pick the
+    cells judged (default: all), so that a whole in-process copy is read without gathering
+    it first. One pass over the cells: the numpy form was a dozen calls on a few hundred."""
     if max_age_seconds is None:
         mode, oldest_trusted = _TRUST_RANGED, 0
     elif math.isnan(max_age_seconds) or max_age_seconds < 0:
@@ -81,7 +86,13 @@ def trusted_stock_units(
         mode, oldest_trusted = _TRUST_KNOWN, 0
     else:
         mode, oldest_trusted = _TRUST_RECENT, now_us - round(max_age_seconds * 1_000_000)
-    return _trusted_units(atp, safety_stock, inbound, ranged, as_of_us, mode, oldest_trusted)
+    if rows is None:
+        rows = np.arange(atp.shape[0], dtype=np.int64)
+    if columns is None:
+        columns = np.arange(atp.shape[1], dtype=np.int64)
+    return _trusted_units(
+        atp, safety_stock, inbound, ranged, as_of_us, rows, columns, mode, oldest_trusted
+    )
 
 
 @compiled
@@ -91,16 +102,22 @@ def _trusted_units(  # noqa: PLR0917 (a compiled loop: no keyword-only arguments
     inbound: npt.NDArray[np.int64],
     ranged: npt.NDArray[np.bool_],
     as_of_us: npt.NDArray[np.int64],
+    rows: npt.NDArray[np.int64],
+    columns: npt.NDArray[np.int64],
     mode: int,
     oldest_trusted: int,
-) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], bool]:
-    rows, columns = atp.shape
-    available = np.empty((rows, columns), np.int64)
-    trusted_inbound = np.empty((rows, columns), np.int64)
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.bool_], bool]:
+    shape = (rows.shape[0], columns.shape[0])
+    available = np.empty(shape, np.int64)
+    trusted_inbound = np.empty(shape, np.int64)
+    ranged_cells = np.empty(shape, np.bool_)
     any_stale = False
-    for row in range(rows):
-        for column in range(columns):
+    for out_row in range(shape[0]):
+        row = rows[out_row]
+        for out_column in range(shape[1]):
+            column = columns[out_column]
             trusted = ranged[row, column]
+            ranged_cells[out_row, out_column] = trusted
             if trusted and mode != _TRUST_RANGED:
                 as_of = as_of_us[row, column]
                 fresh = as_of > 0 and (mode == _TRUST_KNOWN or as_of >= oldest_trusted)
@@ -108,12 +125,12 @@ def _trusted_units(  # noqa: PLR0917 (a compiled loop: no keyword-only arguments
                     any_stale = True
                     trusted = False
             if trusted:
-                available[row, column] = atp[row, column] - safety_stock[row, column]
-                trusted_inbound[row, column] = inbound[row, column]
+                available[out_row, out_column] = atp[row, column] - safety_stock[row, column]
+                trusted_inbound[out_row, out_column] = inbound[row, column]
             else:
-                available[row, column] = -1
-                trusted_inbound[row, column] = 0
-    return available, trusted_inbound, any_stale
+                available[out_row, out_column] = -1
+                trusted_inbound[out_row, out_column] = 0
+    return available, trusted_inbound, ranged_cells, any_stale
 
 
 def _warm_up() -> None:

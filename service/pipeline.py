@@ -732,13 +732,11 @@ class Recommender:
             return _unseen_stock(shape)
         version = serving.meta.version
         mirrored = self._stock_mirror
-        figures = (
-            mirrored.figures(version, catalog_pos, nodes.positions)
-            if mirrored is not None
-            else None
-        )
-        if figures is not None:
-            return self._trusted_stock(serving, figures, degraded, now=now)
+        whole = mirrored.whole_figures(version) if mirrored is not None else None
+        if whole is not None:  # the cells are picked as they are judged, not gathered first
+            return self._trusted_stock(
+                serving, whole, degraded, now=now, rows=catalog_pos, columns=nodes.positions
+            )
         skus = tuple(map(serving.catalog.skus.__getitem__, catalog_pos.tolist()))
         node_ids = serving.nodes.ids(nodes.positions)
         remembering = serving.policy.policy.stock.on_unavailable == "last_known"
@@ -773,10 +771,13 @@ class Recommender:
         degraded: list[str],
         *,
         now: datetime,
+        rows: IntArray | None = None,
+        columns: IntArray | None = None,
     ) -> tuple[IntArray, IntArray, npt.NDArray[np.bool_]]:
-        """Available, inbound and ranged of ``stock``, figures too old for the policy left out."""
+        """Available, inbound and ranged of ``stock`` (of its ``rows`` x ``columns``, by
+        default all), figures too old for the policy left out."""
         max_age = serving.policy.policy.stock.max_age_seconds
-        available, inbound, any_stale = trusted_stock_units(
+        available, inbound, ranged, any_stale = trusted_stock_units(
             stock.atp,
             stock.safety_stock,
             stock.inbound,
@@ -784,13 +785,15 @@ class Recommender:
             stock.as_of_us,
             now_us=epoch_us(now),
             max_age_seconds=max_age,
+            rows=rows,
+            columns=columns,
         )
         if any_stale:
             degraded.append(
                 f"stale stock: figures older than {max_age:g}s are not trusted, "
                 "nothing recommended on them"
             )
-        return available, inbound, stock.ranged
+        return available, inbound, ranged
 
     @staticmethod
     def _log_decision(

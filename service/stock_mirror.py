@@ -142,43 +142,39 @@ class StockMirror:
         """Stock of the catalog positions at the node positions, as ``read_stock`` answers it;
         None unless the copy is of ``version`` and fresh (``stale_ok``: of ``version`` at all,
         for the last-known fallback)."""
-        figures = self.figures(version, catalog_pos, node_positions, stale_ok=stale_ok)
+        whole = self.whole_figures(version, stale_ok=stale_ok)
         copy = self._copy
-        if figures is None or copy is None:
+        if whole is None or copy is None:
             return None
+        rows = catalog_pos[:, np.newaxis]
+        columns = node_positions[np.newaxis, :]
         node_ids = copy.node_ids
         return StockMatrix(
             skus=skus,
             node_ids=tuple(node_ids[column] for column in node_positions.tolist()),
-            atp=figures.atp,
-            safety_stock=figures.safety_stock,
-            inbound=figures.inbound,
-            ranged=figures.ranged,
-            as_of_us=figures.as_of_us,
+            atp=whole.atp[rows, columns],
+            safety_stock=whole.safety_stock[rows, columns],
+            inbound=whole.inbound[rows, columns],
+            ranged=whole.ranged[rows, columns],
+            as_of_us=whole.as_of_us[rows, columns],
         )
 
-    def figures(
-        self,
-        version: str,
-        catalog_pos: npt.NDArray[np.int64],
-        node_positions: npt.NDArray[np.int64],
-        *,
-        stale_ok: bool = False,
-    ) -> StockFigures | None:
-        """``read``'s figures alone: a request needs no SKUs and node ids with them."""
+    def whole_figures(self, version: str, *, stale_ok: bool = False) -> StockFigures | None:
+        """Every cell of the copy (rows: catalog positions, columns: node positions), as views
+        of it, under ``read``'s conditions: for a request that picks its cells as it judges
+        them (``rules.staleness.trusted_stock_units``), without gathering them first. Valid
+        until the copy is replaced, which the event loop does between requests."""
         copy = self._copy
         if copy is None or copy.version != version:
             return None
         if not stale_ok and not self.is_fresh(version):
             return None
-        rows = catalog_pos[:, np.newaxis]
-        columns = node_positions[np.newaxis, :]
-        figures = copy.figures[rows, columns]
+        figures = copy.figures
         return StockFigures(
             atp=figures[:, :, _ATP],
             safety_stock=figures[:, :, _SAFETY],
             inbound=figures[:, :, _INBOUND],
-            ranged=copy.ranged[rows, columns],
+            ranged=copy.ranged,
             as_of_us=figures[:, :, _AS_OF],
         )
 

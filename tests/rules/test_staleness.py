@@ -102,9 +102,10 @@ def test_trusted_units_equal_the_numpy_form(
         else (np.ascontiguousarray(figures[:, :, k]) for k in range(4))
     )
     ranged = rng.random(shape) < 0.8
-    available, trusted_inbound, any_stale = trusted_stock_units(
+    available, trusted_inbound, ranged_cells, any_stale = trusted_stock_units(
         atp, safety, inbound, ranged, as_of, now_us=NOW_US, max_age_seconds=max_age
     )
+    assert ranged_cells.tolist() == ranged.tolist()
 
     trusted = ranged
     expected_stale = False
@@ -115,6 +116,33 @@ def test_trusted_units_equal_the_numpy_form(
     assert available.tolist() == available_units(atp, safety, trusted).tolist()
     assert trusted_inbound.tolist() == np.where(trusted, inbound, 0).tolist()
     assert any_stale is expected_stale
+
+    # Some cells picked, in any order and with repeats, as a request picks them from a copy.
+    rows = rng.integers(0, max(shape[0], 1), size=int(rng.integers(0, 9))) if shape[0] else None
+    if rows is not None:
+        columns = rng.permutation(shape[1])[: int(rng.integers(1, shape[1] + 1))]
+        picked = trusted_stock_units(
+            atp,
+            safety,
+            inbound,
+            ranged,
+            as_of,
+            now_us=NOW_US,
+            max_age_seconds=max_age,
+            rows=rows,
+            columns=columns,
+        )
+        cells = np.ix_(rows, columns)
+        assert picked[0].tolist() == available[cells].tolist()
+        assert picked[1].tolist() == trusted_inbound[cells].tolist()
+        assert picked[2].tolist() == ranged[cells].tolist()
+        expected_picked_stale = bool(
+            max_age is not None
+            and (ranged & ~fresh_stock_mask(as_of, now_us=NOW_US, max_age_seconds=max_age))[
+                cells
+            ].any()
+        )
+        assert picked[3] is expected_picked_stale
 
 
 @pytest.mark.parametrize("max_age", [-1.0, math.nan])
