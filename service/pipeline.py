@@ -71,6 +71,7 @@ IntArray = npt.NDArray[np.int64]
 _DROP_CODES: tuple[str, ...] = tuple(reason.code for reason in sorted(DropReason))
 assert [reason.value for reason in sorted(DropReason)] == list(range(len(_DROP_CODES)))
 
+
 # Eligible node sets remembered per serving snapshot (channel x store or region).
 _ELIGIBLE_NODES_REMEMBERED = 4096
 
@@ -85,6 +86,29 @@ _LEAD_REASON_BY_KIND: dict[Kind, ShowReason] = {
     Kind.UPGRADE: ShowReason.PREMIUM_UPGRADE,
     Kind.REPLENISH: ShowReason.DUE_AGAIN,
     Kind.SUBSTITUTE: ShowReason.REPLACES_UNAVAILABLE,
+}
+
+
+def _show_reasons(kind: Kind, take_home: bool, on_promotion: bool) -> tuple[ShowReason, ...]:
+    """Why an item is shown: its kind's lead reason, where it is in stock, a promotion, and
+    the margin floor every shown item met."""
+    return (
+        _LEAD_REASON_BY_KIND[kind],
+        ShowReason.IN_STOCK_AT_STORE if take_home else ShowReason.IN_STOCK_TO_SHIP,
+        *((ShowReason.ON_PROMOTION,) if on_promotion else ()),
+        ShowReason.MARGIN_FLOOR_MET,
+    )
+
+
+# Every combination, built once: a response would build them item by item.
+_SHOW_REASONS: dict[tuple[Kind, bool, bool], tuple[ShowReason, ...]] = {
+    (kind, take_home, on_promotion): _show_reasons(kind, take_home, on_promotion)
+    for kind in Kind
+    for take_home in (False, True)
+    for on_promotion in (False, True)
+}
+_REASON_CODES: dict[tuple[ShowReason, ...], tuple[str, ...]] = {
+    reasons: tuple(reason.value for reason in reasons) for reasons in _SHOW_REASONS.values()
 }
 
 
@@ -369,14 +393,7 @@ class Recommender:
         for rank_index, pos in enumerate(positions):
             column = columns[rank_index]
             kind = _KIND_BY_VALUE[kinds[rank_index]]
-            reasons = (
-                _LEAD_REASON_BY_KIND[kind],
-                ShowReason.IN_STOCK_AT_STORE
-                if nodes.take_home[column]
-                else ShowReason.IN_STOCK_TO_SHIP,
-                *((ShowReason.ON_PROMOTION,) if on_promotion[rank_index] else ()),
-                ShowReason.MARGIN_FLOOR_MET,
-            )
+            reasons = _SHOW_REASONS[kind, bool(nodes.take_home[column]), on_promotion[rank_index]]
             reasons_by_item.append(reasons)
             own_anchor = own_anchors[rank_index]
             explanation_requests.append(
@@ -412,7 +429,7 @@ class Recommender:
                     unit_price=round(prices[rank_index], 4),
                     unit_margin=unit_margin,
                     fulfillment_node=node_ids[int(nodes.positions[columns[rank_index]])],
-                    reason_codes=tuple(reason.value for reason in reasons_by_item[rank_index]),
+                    reason_codes=_REASON_CODES[reasons_by_item[rank_index]],
                     explanation=explanation.text if explanation is not None else "",
                     explanation_source=(
                         explanation.source if explanation is not None else "template"

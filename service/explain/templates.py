@@ -15,6 +15,7 @@ in a locale is left out of that locale's text rather than shown in another langu
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Final
 
@@ -116,6 +117,13 @@ def template_explanation(
 ) -> str:
     """One sentence from the kind and reason codes, e.g. "Often bought with X; in stock at this
     store.". Without ``kind`` the lead reason sets the sentence (the original behaviour)."""
+    return _sentence(tuple(reasons), anchor_name, kind, locale)
+
+
+@functools.lru_cache(maxsize=16384)  # a pure function of few inputs, called per item shown
+def _sentence(
+    reasons: tuple[ShowReason, ...], anchor_name: str | None, kind: str | None, locale: str
+) -> str:
     language = template_locale(locale)
     wording = REASON_WORDING[language]
     anchor = _display_name(anchor_name) if anchor_name else None
