@@ -142,7 +142,7 @@ class ItemItemGenerator:
             NEIGHBOUR_SCORE_AS_IS,
             False,
         )
-        return Candidates(item_idx=items, score=scores, kind=kind_column(self.kind, items.shape[0]))
+        return _candidates(items, scores, self.kind)
 
 
 class AlsGenerator:
@@ -167,7 +167,7 @@ class AlsGenerator:
         if not 0 <= user_row < n_users:
             raise ValueError(f"user_row {user_row} out of range for {n_users} users")
         items, scores = best_clipped(self._item_factors @ self._user_factors[user_row], count)
-        return Candidates(item_idx=items, score=scores, kind=kind_column(self.kind, items.shape[0]))
+        return _candidates(items, scores, self.kind)
 
 
 class PopularityGenerator:
@@ -294,9 +294,10 @@ def empty_candidates() -> Candidates:
 def _candidates(
     item_idx: npt.NDArray[np.integer], score: npt.NDArray[np.floating], kind: Kind
 ) -> Candidates:
+    # No copies where the compiled passes already give these types.
     return Candidates(
-        item_idx=item_idx.astype(np.int32),
-        score=score.astype(np.float32),
+        item_idx=item_idx.astype(np.int32, copy=False),
+        score=score.astype(np.float32, copy=False),
         kind=kind_column(kind, item_idx.shape[0]),
     )
 
@@ -599,13 +600,22 @@ def best_clipped(
 ) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.float32]]:
     """The positions of the ``count`` highest scores, best first (``best_positions``), and
     their scores clipped to [0, 1]."""
+    return best_items(np.arange(scores.shape[0]), scores, count)
+
+
+@compiled
+def best_items(
+    items: npt.NDArray[np.integer], scores: npt.NDArray[np.floating], count: int
+) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.float32]]:
+    """The ``count`` items of highest score, best first (``best_positions``: ties go to the
+    earlier entry), and their scores clipped to [0, 1]."""
     best = best_positions(scores, count)
-    items = np.empty(best.shape[0], dtype=np.int32)
+    chosen = np.empty(best.shape[0], dtype=np.int32)
     clipped = np.empty(best.shape[0], dtype=np.float32)
     for at in range(best.shape[0]):
-        items[at] = best[at]
+        chosen[at] = items[best[at]]
         clipped[at] = min(max(scores[best[at]], 0.0), 1.0)
-    return items, clipped
+    return chosen, clipped
 
 
 @compiled

@@ -50,9 +50,8 @@ from models.candidates import (
     _anchor_rows,
     _candidates,
     _divide_by_max,
-    best_positions,
+    best_items,
     empty_candidates,
-    kind_column,
     merge_neighbour_rows,
 )
 from models.interfaces import (
@@ -195,7 +194,7 @@ class _NeighbourTableGenerator:
         items, scores = merge_neighbour_rows(
             self._table.items, self._table.scores, anchor_rows, count, self._score_kind, True
         )
-        return Candidates(item_idx=items, score=scores, kind=kind_column(self.kind, items.shape[0]))
+        return _candidates(items, scores, self.kind)
 
 
 class FactorItemItemGenerator(_NeighbourTableGenerator):
@@ -286,7 +285,7 @@ class UpgradeGenerator:
         )
         if items.size == 0:
             return empty_candidates()
-        return Candidates(item_idx=items, score=scores, kind=kind_column(self.kind, items.shape[0]))
+        return _candidates(items, scores, self.kind)
 
 
 @compiled
@@ -363,13 +362,7 @@ def _best_upgrades(  # noqa: PLR0917 (a compiled loop: no keyword-only arguments
             items[runs] = item
             best_similarity[runs] = similarity[entry]
             runs += 1
-    best = best_positions(best_similarity[:runs], count)
-    chosen = np.empty(best.shape[0], dtype=np.int32)
-    scores = np.empty(best.shape[0], dtype=np.float32)
-    for at in range(best.shape[0]):
-        chosen[at] = items[best[at]]
-        scores[at] = min(max(best_similarity[best[at]], 0.0), 1.0)
-    return chosen, scores
+    return best_items(items[:runs], best_similarity[:runs], count)
 
 
 def _warm_up_upgrades() -> None:
@@ -440,7 +433,7 @@ class ReplenishmentGenerator:
         )
         if items.size == 0:
             return empty_candidates()
-        return Candidates(item_idx=items, score=scores, kind=kind_column(self.kind, items.shape[0]))
+        return _candidates(items, scores, self.kind)
 
 
 @compiled
@@ -470,13 +463,8 @@ def _due_items(  # noqa: PLR0917 (a compiled loop: no keyword-only arguments)
             due_items[due] = items[at]
             due_scores[due] = min(ratio, 1.0 / ratio)
             due += 1
-    best = best_positions(due_scores[:due], count)
-    chosen = np.empty(best.shape[0], dtype=np.int32)
-    scores = np.empty(best.shape[0], dtype=np.float32)
-    for at in range(best.shape[0]):
-        chosen[at] = due_items[best[at]]
-        scores[at] = due_scores[best[at]]
-    return chosen, scores
+    # Scores of due items are in (0, 1]: the clipping changes none.
+    return best_items(due_items[:due], due_scores[:due], count)
 
 
 def _warm_up_replenishment() -> None:
@@ -557,9 +545,7 @@ class SegmentPopularityGenerator:
             )
             if items.size == 0:
                 return empty_candidates()
-            return Candidates(
-                item_idx=items, score=scores, kind=kind_column(self.kind, items.shape[0])
-            )
+            return _candidates(items, scores, self.kind)
         if region_row is not None and self._region_order is not None:
             ranked = self._region_order[region_row, :count]
             ranked = ranked[shares[ranked] > 0]

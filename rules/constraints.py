@@ -6,7 +6,7 @@ is the ordered tuples ``MASTER_CONSTRAINTS`` (item master only) and ``STOCK_CONS
 is attributed to the first one in that order, so every drop names exactly one rule.
 
 A request runs: ``candidate_facts`` -> ``apply_constraints(MASTER_CONSTRAINTS)`` -> stock read
-for the survivors and the basket -> ``available_units`` -> ``sellable_stock`` ->
+for the survivors and the basket -> ``rules.staleness.trusted_stock_units`` -> ``sellable_stock`` ->
 ``basket_shipping_nodes`` -> ``CandidateFacts.with_stock`` -> ``with_fulfilment`` ->
 ``apply_constraints(STOCK_CONSTRAINTS)``.
 
@@ -771,9 +771,6 @@ def _warm_up() -> None:
     units = available_units(
         np.zeros((3, 2), dtype=np.int64), np.zeros((3, 2), dtype=np.int64), np.ones((3, 2), bool)
     )
-    # The stock mirror's figures are strided views of one (items, nodes, figures) array.
-    figures = np.zeros((3, 2, 2), dtype=np.int64)
-    available_units(figures[:, :, 0], figures[:, :, 1], np.ones((3, 2), bool))
     quantities = np.ones(len(units), dtype=np.int64)
     _basket_nodes(units, quantities, np.zeros(2), np.zeros(2, dtype=np.bool_))
     for charge_splits in (False, True):
