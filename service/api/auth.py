@@ -35,9 +35,11 @@ from service.settings import Settings
 
 __all__ = [
     "AdminDep",
+    "Caller",
     "CallerDep",
     "EventsDep",
     "Guard",
+    "accepted_caller",
     "authorize",
 ]
 
@@ -146,24 +148,39 @@ async def identify(
     """
     guard = _guard(request)
     raw = bearer.credentials if bearer is not None else api_key
+    caller = _caller_of(request, guard, raw)
+    if caller is not None:
+        return caller
     if not guard.has_credentials:
-        if guard.mode == "keys":
-            raise guard.refuse(403, "not_configured", _not_configured("keys", "cart"))
-        return ANONYMOUS
+        raise guard.refuse(403, "not_configured", _not_configured("keys", "cart"))
     if raw is None:
-        if guard.mode == "keys":
-            raise guard.refuse(
-                401,
-                "missing",
-                "API key missing: send `Authorization: Bearer <key>` or `X-API-Key: <key>`",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-        return ANONYMOUS
+        raise guard.refuse(
+            401,
+            "missing",
+            "API key missing: send `Authorization: Bearer <key>` or `X-API-Key: <key>`",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    raise guard.refuse(
+        401, "unknown", "API key unknown or revoked", headers={"WWW-Authenticate": "Bearer"}
+    )
+
+
+async def accepted_caller(request: Request) -> Caller | None:
+    """The caller ``identify`` would return for this request, read without FastAPI's
+    dependency machinery (a route's fast path); None wherever ``identify`` would refuse,
+    so that the dependency-driven path answers those requests, with its reasons."""
+    bearer = await _bearer(request)
+    raw = bearer.credentials if bearer is not None else await _api_key_header(request)
+    return _caller_of(request, _guard(request), raw)
+
+
+def _caller_of(request: Request, guard: Guard, raw: str | None) -> Caller | None:
+    """The caller of key ``raw`` (None: no key sent); None where the request is refused."""
+    if not guard.has_credentials or raw is None:
+        return None if guard.mode == "keys" else ANONYMOUS
     key = guard.find(raw)
     if key is None:
-        raise guard.refuse(
-            401, "unknown", "API key unknown or revoked", headers={"WWW-Authenticate": "Bearer"}
-        )
+        return None
     caller = Caller(name=key.name, key=key)
     note(request, caller=caller.name)
     return caller

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 
-from service.api.auth import CallerDep, authorize
+from service.api.auth import Caller, CallerDep, accepted_caller, authorize
 from service.api.observe import note
 from service.api.schemas import (
     DroppedOut,
@@ -43,6 +45,9 @@ RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 
 router = APIRouter()
 
+_JSON = "application/json"
+_JSON_PARAMETERS = "application/json;"  # e.g. a charset
+
 _PROBLEMS: dict[int | str, dict[str, object]] = {
     401: {"model": Problem, "description": "API key missing or unknown."},
     403: {
@@ -57,12 +62,37 @@ _PROBLEMS: dict[int | str, dict[str, object]] = {
 }
 
 
-@router.post(
-    "/v1/recommendations",
-    response_model=RecommendationResponse,
-    responses=_PROBLEMS,
-    tags=["recommendations"],
-)
+class RecommendationRoute(APIRoute):
+    """``/v1/recommendations`` with a fast path for the requests that pass: a known key (or
+    none under UPSELL_AUTH=off) and a JSON body that validates, parsed by pydantic-core from
+    the bytes (``model_validate_json``). FastAPI's own handler (stdlib json, then validation,
+    then dependencies resolved one by one) cost ~80 us more per request, a tenth of a
+    recommendation's worker CPU. Every other request (no key, an unknown one, bad JSON,
+    another content type, a body that fails validation) goes to that handler, so refusals and
+    their bodies are FastAPI's, exactly as declared in the schema. FastAPI's telemetry, when
+    configured, sees only the requests of that handler.
+    """
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        declared = super().get_route_handler()
+
+        async def handle(request: Request) -> Response:
+            content_type = request.headers.get("content-type", "")
+            if content_type == _JSON or content_type.startswith(_JSON_PARAMETERS):
+                caller = await accepted_caller(request)
+                if caller is not None:
+                    try:
+                        body = RecommendationRequest.model_validate_json(await request.body())
+                    except HTTPException:
+                        raise  # the body limit's 413, as the declared handler lets it through
+                    except Exception:  # invalid, or unreadable: the declared handler says why
+                        return await declared(request)
+                    return await answer(body, request, caller)
+            return await declared(request)
+
+        return handle
+
+
 async def recommend(
     body: RecommendationRequest,
     request: Request,
@@ -75,6 +105,22 @@ async def recommend(
     (every dropped candidate, score parts) needs the admin scope: it shows margins and the
     rules' workings, which are the retailer's business, not the shopper's.
     """
+    return await answer(body, request, caller)
+
+
+router.add_api_route(
+    "/v1/recommendations",
+    recommend,
+    methods=["POST"],
+    response_model=RecommendationResponse,
+    responses=_PROBLEMS,
+    tags=["recommendations"],
+    route_class_override=RecommendationRoute,
+)
+
+
+async def answer(body: RecommendationRequest, request: Request, caller: Caller) -> Response:
+    """The route's work once the caller is known and the body valid (either path)."""
     # From the app's state, not by dependencies: each one FastAPI resolves costs more than
     # the lookup it wraps, on the hottest route.
     runtime: Runtime = request.app.state.runtime
@@ -130,9 +176,6 @@ def refresh_gauges(runtime: Runtime, metrics: Metrics) -> None:
     metrics.show_versions(
         runtime.artifacts.version, serving.meta.version, serving.policy.policy_version
     )
-
-
-_JSON = "application/json"
 
 
 def response_body(result: Recommendation) -> bytes:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 import redis
 import redis.asyncio
@@ -133,6 +134,33 @@ def test_channel_scopes(server: Server) -> None:
     detail = pos_key_on_cart.json()["detail"]
     assert "'pos-till'" in detail
     assert "'cart' scope" in detail
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    ["application/json; charset=utf-8", "application/vnd.upsell+json"],
+)
+def test_the_fast_path_and_fastapis_handler_answer_alike(
+    server: Server, content_type: str
+) -> None:
+    """The route parses plain ``application/json`` itself; any other JSON type goes through
+    FastAPI's handler. The answers are the same, bar the request id."""
+    content = orjson.dumps(CART)
+    answers = [
+        post(
+            server,
+            "/v1/recommendations",
+            content=content,
+            headers={**bearer("web-shop"), "content-type": kind},
+        )
+        for kind in ("application/json", content_type)
+    ]
+    for response in answers:
+        assert response.status_code == 200, response.text
+    fast, declared = (response.json() for response in answers)
+    assert fast["items"]
+    assert fast["request_id"] != declared["request_id"]
+    assert {**fast, "request_id": None} == {**declared, "request_id": None}
 
 
 def test_missing_or_unknown_key_is_401_before_the_body_is_judged(server: Server) -> None:
