@@ -15,7 +15,11 @@ with the ceiling of the same stack (``POST /v1/ping``) measured in the same run.
      unsaturated server is in the same run;
    - as fast as answered: ``/v1/recommendations`` (cart) between two runs of ``/v1/ping``
      (the trivial endpoint: same server, same middleware, no work), and the ratio of their
-     requests per second (against the mean of the two ping runs, so drift shows).
+     requests per second (against the mean of the two ping runs, so drift shows);
+   - then (``--no-floor`` skips it) the same workers serving ``floor_app:app``, whose
+     recommender replays its first answer: the peak of the route without its pipeline.
+     From the three peaks, the box's CPU per request that the pipeline takes, and what the
+     ratio target would leave it (``pipeline_budget``).
 5. Writes ``benchmarks/results/load.json`` and prints a markdown table.
 
 Targets (issue 7): cart p99 < 15 ms at 500 req/s; peak recommendations >= 35% of ping's.
@@ -23,7 +27,7 @@ wrk runs on the same 2 cores as the workers and Redis: every figure is of the wh
 
     OPENBLAS_NUM_THREADS=1 .venv/bin/python benchmarks/bench_load.py [--duration 20]
         [--rate 500] [--workers 2] [--paced-connections 16] [--peak-connections 4]
-        [--stock-mirror on|off]
+        [--stock-mirror on|off] [--no-floor]
 
 Needs ``wrk`` (Debian package ``wrk``): installed with apt-get when run as root, else the
 script exits saying so. Not a test: run it by hand on a quiet machine (see ``uptime``).
@@ -64,6 +68,7 @@ SCOPES = ["cart", "pdp", "pos", "contact_center", "admin", "events"]
 BODIES_PER_CHANNEL = 2_000
 TARGET_CART_P99_MS = 15.0
 TARGET_PEAK_RATIO = 0.35
+FLOOR_RUN = "cart, peak, pipeline replayed"
 
 
 # -- the app, as each uvicorn worker builds it --------------------------------------------------
@@ -83,6 +88,28 @@ def serve_command(*, port: int, workers: int) -> list[str]:
         str(port),
         "--workers",
         str(workers),
+    ]
+
+
+def floor_command(*, port: int, workers: int) -> list[str]:
+    """The same workers serving ``floor_app:app`` (the pipeline replayed; see floor_app.py)."""
+    return [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "floor_app:app",
+        "--factory",
+        "--app-dir",
+        str(REPO / "benchmarks"),
+        "--host",
+        HOST,
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+        "--log-level",
+        "warning",
+        "--no-access-log",
     ]
 
 
@@ -188,10 +215,12 @@ def upsell(env: dict[str, str], *verb: str) -> None:
 
 
 @contextmanager
-def service(env: dict[str, str], *, port: int, workers: int) -> Iterator[str]:
-    """The service under ``workers`` uvicorn workers; yields its base URL once every worker is
-    likely ready (readiness answered ok on many fresh connections in a row)."""
-    process = subprocess.Popen(serve_command(port=port, workers=workers), cwd=REPO, env=env)
+def service(env: dict[str, str], *, port: int, workers: int, floor: bool = False) -> Iterator[str]:
+    """The service under ``workers`` uvicorn workers (``floor``: its pipeline replayed); yields
+    its base URL once every worker is likely ready (readiness answered ok on many fresh
+    connections in a row)."""
+    command = (floor_command if floor else serve_command)(port=port, workers=workers)
+    process = subprocess.Popen(command, cwd=REPO, env=env)
     base_url = f"http://{HOST}:{port}"
     try:
         in_a_row, give_up_at = 0, time.monotonic() + 180
@@ -311,6 +340,25 @@ def run_wrk(
     }
 
 
+def pipeline_budget(
+    peak_per_s: float, ping_per_s: float, floor_per_s: float, cpus: int
+) -> dict[str, float]:
+    """What the pipeline costs per request, and what the ratio target leaves it, both in us
+    of the whole box's CPU (wrk and Redis share the cores, so a run at peak keeps them all
+    busy: cores / requests per second is what one request costs the box)."""
+    per_request_us = cpus * 1e6 / peak_per_s
+    floor_us = cpus * 1e6 / floor_per_s
+    allowed_us = cpus * 1e6 / (TARGET_PEAK_RATIO * ping_per_s)
+    return {
+        "floor_per_s": floor_per_s,
+        "floor_ratio": round(floor_per_s / ping_per_s, 4),
+        "box_us_per_request": round(per_request_us, 1),
+        "box_us_per_request_replayed": round(floor_us, 1),
+        "pipeline_box_us": round(per_request_us - floor_us, 1),
+        "pipeline_box_us_at_target": round(allowed_us - floor_us, 1),
+    }
+
+
 def load_average() -> list[float]:
     return [round(value, 2) for value in os.getloadavg()]
 
@@ -335,6 +383,13 @@ def table(results: dict[str, Any]) -> str:
         f"/v1/ping {summary['peak_ping_per_s']:,.0f} req/s: "
         f"{summary['peak_ratio']:.1%} (target >= {TARGET_PEAK_RATIO:.0%})",
     ]
+    if "floor_per_s" in summary:
+        rows.append(
+            f"pipeline replayed: {summary['floor_per_s']:,.0f} req/s, "
+            f"{summary['floor_ratio']:.1%} of ping; the pipeline costs "
+            f"{summary['pipeline_box_us']:,.0f} us of the box's CPU per request, "
+            f"{TARGET_PEAK_RATIO:.0%} would leave it {summary['pipeline_box_us_at_target']:,.0f}"
+        )
     return "\n".join(rows)
 
 
@@ -357,6 +412,12 @@ def main() -> None:
         choices=("on", "off"),
         default="on",
         help="UPSELL_STOCK_MIRROR: stock followed in each worker (on) or read per request (off)",
+    )
+    parser.add_argument(
+        "--floor",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also the peak of the route with its pipeline replayed (floor_app.py)",
     )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
@@ -437,6 +498,31 @@ def main() -> None:
                 runs["cart, peak"] = peak(recommendations)
                 runs["ping, peak (after)"] = peak(ping)
 
+            if args.floor:
+                # The same route and workers, the pipeline replayed: what the rest costs.
+                metrics_dir = root / "floor-metrics"
+                metrics_dir.mkdir()
+                floor_env = {**env, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
+                port = free_port()
+                with service(floor_env, port=port, workers=args.workers, floor=True) as floor_url:
+                    replayed = f"{floor_url}/v1/recommendations"
+                    warm_up = {**common, "bodies_file": bodies_files["cart"], "rate": 0}
+                    run_wrk(
+                        wrk,
+                        replayed,
+                        duration_s=5,
+                        connections=args.peak_connections,
+                        **warm_up,
+                    )
+                    print(f"wrk: {replayed} (pipeline replayed) as fast as answered", flush=True)
+                    runs[FLOOR_RUN] = run_wrk(
+                        wrk,
+                        replayed,
+                        duration_s=args.duration,
+                        connections=args.peak_connections,
+                        **warm_up,
+                    )
+
     cart = runs[f"cart @ {args.rate}/s"]
     ping_per_s = (
         runs["ping, peak (before)"]["requests_per_s"] + runs["ping, peak (after)"]["requests_per_s"]
@@ -452,6 +538,10 @@ def main() -> None:
         "peak_ratio": round(peak_per_s / ping_per_s, 4),
         "peak_ratio_target_met": peak_per_s / ping_per_s >= TARGET_PEAK_RATIO,
     }
+    if FLOOR_RUN in runs:
+        summary |= pipeline_budget(
+            peak_per_s, ping_per_s, runs[FLOOR_RUN]["requests_per_s"], os.cpu_count() or 1
+        )
     results = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {

@@ -23,6 +23,7 @@ from service.api.ping import router as ping_router
 from service.api.routes import router
 from service.api.timing import ArrivalMiddleware
 from service.api_keys import load_key_ring
+from service.keys_watch import KeysFileWatcher
 from service.logging import configure_logging
 from service.metrics import Metrics, multiprocess_dir
 from service.rate_limit import RateLimiter
@@ -61,6 +62,19 @@ def create_app(
             on_fallback=metrics.rate_limit_fallbacks.inc,
         )
         log_auth(guard)
+        keys_watcher = (
+            KeysFileWatcher(
+                settings.api_keys_file,
+                loaded=keys,
+                use=guard.use_keys,
+                interval=settings.api_keys_reload_seconds,
+                on_outcome=lambda outcome: metrics.api_keys_reloads.labels(outcome).inc(),
+            )
+            if settings.api_keys_file is not None and settings.api_keys_reload_seconds > 0
+            else None
+        )
+        if keys_watcher is not None:
+            keys_watcher.start()
         # What start-up allocated (model, catalog, indexes) lives as long as the process: out
         # of the collector's reach, a full collection stays short enough not to eat a
         # channel's budget (one took up to 130 ms without this, benchmarks/README.md).
@@ -70,6 +84,8 @@ def create_app(
             yield
         finally:
             gc.unfreeze()  # what this app held may be collected once it is closed
+            if keys_watcher is not None:
+                await keys_watcher.close()
             await runtime.close()
 
     app = FastAPI(

@@ -141,6 +141,12 @@ class Metrics:
             ["reason"],
             registry=registry,
         )
+        self.api_keys_reloads = Counter(
+            "upsell_api_keys_reloads",
+            "Changed keys files loaded while serving (reloaded) or refused as bad (refused).",
+            ["outcome"],
+            registry=registry,
+        )
         self._versions_shown: tuple[str, str, str] | None = None
         # The series labelled on every request, through the cache.
         self.request_seconds_of = Labelled(self.request_seconds)

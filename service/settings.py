@@ -82,6 +82,13 @@ class Settings(BaseSettings):
         description="YAML file of API keys (name, sha256, scopes, rate_limit); unset = no "
         "keys, so with UPSELL_AUTH=keys every protected call is refused.",
     )
+    api_keys_reload_seconds: float = Field(
+        default=5.0,
+        ge=0,
+        description="How often each worker checks the keys file: a changed file is loaded "
+        "while serving (a bad one is refused, logged, and the keys before stay); 0 = read "
+        "once at start.",
+    )
     rate_limit_per_second: float = Field(
         default=100.0,
         ge=0,

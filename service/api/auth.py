@@ -89,6 +89,10 @@ class Guard:
         )
         self.limiter = RateLimiter(redis=None)
 
+    def use_keys(self, keys: KeyRing) -> None:
+        """Serve with ``keys`` from now on (the keys file changed and loaded well)."""
+        self.keys = keys
+
     @property
     def has_credentials(self) -> bool:
         return bool(self.keys) or self._admin is not None

@@ -140,9 +140,7 @@ def test_channel_scopes(server: Server) -> None:
     "content_type",
     ["application/json; charset=utf-8", "application/vnd.upsell+json"],
 )
-def test_the_fast_path_and_fastapis_handler_answer_alike(
-    server: Server, content_type: str
-) -> None:
+def test_the_fast_path_and_fastapis_handler_answer_alike(server: Server, content_type: str) -> None:
     """The route parses plain ``application/json`` itself; any other JSON type goes through
     FastAPI's handler. The answers are the same, bar the request id."""
     content = orjson.dumps(CART)
