@@ -33,6 +33,7 @@ from models.data.contract import read_snapshot_dir
 from rules.errors import InputError
 from service.api_keys import RateLimit, load_key_ring
 from service.app import create_app
+from service.metrics import Metrics
 from service.rate_limit import RateLimiter, lease_size
 from service.settings import Settings
 from tests.service.conftest import DemoData
@@ -630,6 +631,26 @@ def test_metrics_show_the_series_with_their_labels(server: Server) -> None:
     assert limited["tight-metrics"] >= 1
     reasons = {labels["reason"] for labels, _ in found["upsell_auth_failures_total"]}
     assert "missing" in reasons
+
+
+def test_explanation_sources_are_counted_per_item() -> None:
+    """Each item shown counts once under its source, however the counts are batched."""
+    metrics = Metrics()
+    metrics.observe_recommendation(
+        channel="cart",
+        candidates=12,
+        dropped_by_rule={"stock": 3, "margin_floor": 0},
+        explanation_sources=["template", "cache", "template", "template"],
+    )
+    found = samples(metrics.exposition().decode())
+    explained = {
+        labels["source"]: value
+        for labels, value in found["upsell_explanations_total"]
+        if labels["channel"] == "cart"
+    }
+    assert explained == {"template": 3.0, "cache": 1.0}
+    dropped = {labels["rule"]: value for labels, value in found["upsell_candidates_dropped_total"]}
+    assert dropped == {"stock": 3.0}
 
 
 def test_log_lines_carry_the_request_id_and_never_the_raw_customer_id(
