@@ -16,9 +16,10 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import orjson
@@ -91,10 +92,19 @@ class Server:
 def server(
     demo_data: DemoData, redis_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Server]:
-    root = tmp_path_factory.mktemp("guard")
+    with serving(demo_data, redis_url, tmp_path_factory.mktemp("guard"), auth="keys") as server:
+        yield server
+
+
+@contextmanager
+def serving(
+    demo_data: DemoData, redis_url: str, root: Path, *, auth: Literal["keys", "off"]
+) -> Iterator[Server]:
+    """The sample published under a fresh prefix, served with KEYS; the prefix is dropped
+    after."""
     prefix = f"upsell-test:{uuid.uuid4().hex[:8]}"
     settings = Settings(
-        auth="keys",
+        auth=auth,
         api_keys_file=write_keys(root / "keys.yaml", KEYS),
         redis_url=redis_url,
         redis_prefix=prefix,
@@ -109,11 +119,16 @@ def server(
         with served(create_app(settings)) as base:
             yield Server(base=base, settings=settings, prefix=prefix)
     finally:
-        client = redis.Redis.from_url(redis_url)
-        for pattern in (f"{prefix}:*", f"{{{prefix}}}:*", f"{{{prefix}:*"):
-            for key in list(client.scan_iter(match=pattern, count=1000)):
-                client.unlink(key)
-        client.close()
+        drop_prefix(redis_url, prefix)
+
+
+def drop_prefix(redis_url: str, prefix: str) -> None:
+    """Delete what a test's app wrote under its prefix (store, buckets, exposures)."""
+    client = redis.Redis.from_url(redis_url)
+    for pattern in (f"{prefix}:*", f"{{{prefix}}}:*", f"{{{prefix}:*"):
+        for key in list(client.scan_iter(match=pattern, count=1000)):
+            client.unlink(key)
+    client.close()
 
 
 def post(server: Server, path: str, **kwargs: Any) -> httpx.Response:
@@ -228,6 +243,27 @@ def test_keys_mode_without_keys_refuses_and_says_what_to_set(
     assert "UPSELL_API_KEYS_FILE" in refused.json()["detail"]
     assert "UPSELL_API_KEYS_FILE" in admin.json()["detail"]
     assert capfd.readouterr().err.count('"event":"auth_no_keys"') == 1
+
+
+def test_auth_off_opens_channels_whatever_key_is_sent(
+    demo_data: DemoData, redis_url: str, tmp_path: Path
+) -> None:
+    """UPSELL_AUTH=off: no key, an unknown key, a key of another scope or one whose bucket is
+    empty all get recommendations; admin calls still need an admin key."""
+    with serving(demo_data, redis_url, tmp_path, auth="off") as server:
+        senders = [{}, bearer("nobody"), bearer("pos-till"), *[bearer("tight")] * 4]
+        answers = [
+            post(server, "/v1/recommendations", json=CART, headers=headers) for headers in senders
+        ]
+        admin_unknown = post(server, "/v1/admin/policy/reload", headers=bearer("nobody"))
+        admin_shop = post(server, "/v1/admin/policy/reload", headers=bearer("web-shop"))
+        admin_ops = post(server, "/v1/admin/policy/reload", headers=bearer("ops"))
+    assert [answer.status_code for answer in answers] == [200] * len(senders)
+    assert all(answer.json()["items"] for answer in answers)
+    assert admin_unknown.status_code == 401
+    assert "'admin' scope" in admin_unknown.json()["detail"]
+    assert admin_shop.status_code == 403
+    assert admin_ops.status_code == 200, admin_ops.text
 
 
 @pytest.mark.parametrize(
