@@ -148,7 +148,8 @@ async def identify(
     """The caller named by the request's key (401 for an unknown one, under UPSELL_AUTH=keys);
     anonymous without one.
 
-    Under UPSELL_AUTH=keys a request without a key is refused here, before its body is read.
+    Under UPSELL_AUTH=keys a request without a key is refused here, before its body is
+    validated (FastAPI has parsed it as JSON by then: broken JSON is a 422 first).
     ``async`` though it never awaits: FastAPI runs a plain ``def`` dependency in its thread
     pool, and that hop (and the GIL hand-offs it brings) cost more than the check itself.
     """
