@@ -49,6 +49,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from itertools import repeat
 from pathlib import Path
 from typing import Final, Protocol
 
@@ -158,9 +159,10 @@ class _StockIndex:
 
     def read(self, skus: Sequence[str], node_ids: Sequence[str]) -> StockMatrix:
         shape = (len(skus), len(node_ids))
-        sku_code = np.fromiter((self.sku_codes.get(s, -1) for s in skus), np.int64, len(skus))
+        # map() over dict.get runs in C: a generator expression was a Python frame per SKU.
+        sku_code = np.fromiter(map(self.sku_codes.get, skus, repeat(-1)), np.int64, len(skus))
         node_code = np.fromiter(
-            (self.node_codes.get(n, -1) for n in node_ids), np.int64, len(node_ids)
+            map(self.node_codes.get, node_ids, repeat(-1)), np.int64, len(node_ids)
         )
         known = (sku_code[:, None] >= 0) & (node_code[None, :] >= 0)
         if not self.cell_keys.size or not known.any():
