@@ -42,6 +42,7 @@ __all__ = [
     "Guard",
     "accepted_caller",
     "authorize",
+    "identify",
 ]
 
 log = structlog.get_logger(__name__)

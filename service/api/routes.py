@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 
-from service.api.auth import Caller, CallerDep, accepted_caller, authorize
+from service.api.auth import Caller, CallerDep, accepted_caller, authorize, identify
 from service.api.observe import note
 from service.api.schemas import (
     DroppedOut,
@@ -69,14 +69,27 @@ class RecommendationRoute(APIRoute):
     then dependencies resolved one by one) cost ~80 us more per request, a tenth of a
     recommendation's worker CPU. Every other request (no key, an unknown one, bad JSON,
     another content type, a body that fails validation) goes to that handler, so refusals and
-    their bodies are FastAPI's, exactly as declared in the schema. FastAPI's telemetry, when
-    configured, sees only the requests of that handler.
+    their bodies are FastAPI's, exactly as declared in the schema. So do all requests while
+    ``app.dependency_overrides`` holds anything (a test's stand-ins). The route may depend on
+    ``identify`` only: building it with another dependency fails, since the fast path would
+    skip it (dependencies given to ``include_router`` are not checked: give none). FastAPI's
+    telemetry, when configured, sees only the requests of FastAPI's handler.
     """
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         declared = super().get_route_handler()
+        # The fast path resolves the caller itself: a dependency added to the route (or its
+        # router) would be skipped, so refuse to build one rather than serve without it.
+        depends_on = [dependency.call for dependency in self.dependant.dependencies]
+        if depends_on != [identify]:
+            raise RuntimeError(
+                f"{self.path}: the fast path knows the `identify` dependency only, this route "
+                f"has {depends_on}; teach RecommendationRoute.handle the others first"
+            )
 
         async def handle(request: Request) -> Response:
+            if request.app.dependency_overrides:  # a test's stand-ins: FastAPI's path honours them
+                return await declared(request)
             content_type = request.headers.get("content-type", "")
             if content_type == _JSON or content_type.startswith(_JSON_PARAMETERS):
                 caller = await accepted_caller(request)

@@ -27,11 +27,14 @@ import pytest
 import redis
 import redis.asyncio
 import yaml
+from fastapi import APIRouter, Depends, HTTPException
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from models.data.contract import read_snapshot_dir
 from rules.errors import InputError
+from service.api.auth import Caller, identify
+from service.api.routes import RecommendationRoute, recommend
 from service.api_keys import RateLimit, load_key_ring
 from service.app import create_app
 from service.metrics import Metrics
@@ -175,6 +178,38 @@ def test_the_fast_path_and_fastapis_handler_answer_alike(server: Server, content
     assert fast["items"]
     assert fast["request_id"] != declared["request_id"]
     assert {**fast, "request_id": None} == {**declared, "request_id": None}
+
+
+def test_the_fast_path_honours_dependency_overrides(server: Server) -> None:
+    """With an override in place (a test's stand-in for ``identify``), FastAPI's handler
+    answers, so the override is used, even for a request the fast path could answer."""
+    app = create_app(server.settings)
+
+    def refuse_everyone() -> Caller:
+        raise HTTPException(418, "overridden")
+
+    app.dependency_overrides[identify] = refuse_everyone
+    with served(app) as base:
+        answer = httpx.post(
+            f"{base}/v1/recommendations", json=CART, headers=bearer("web-shop"), timeout=10
+        )
+    assert answer.status_code == 418, answer.text
+
+
+def test_the_fast_path_refuses_a_route_with_dependencies_it_does_not_know() -> None:
+    """A dependency added to the route would be skipped by the fast path: building it fails."""
+
+    def audit() -> None:
+        return None
+
+    with pytest.raises(RuntimeError, match="the fast path knows the `identify` dependency only"):
+        APIRouter().add_api_route(
+            "/v1/recommendations",
+            recommend,
+            methods=["POST"],
+            dependencies=[Depends(audit)],
+            route_class_override=RecommendationRoute,
+        )
 
 
 def test_missing_or_unknown_key_is_401_before_the_body_is_judged(server: Server) -> None:
