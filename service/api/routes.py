@@ -66,14 +66,16 @@ class RecommendationRoute(APIRoute):
     """``/v1/recommendations`` with a fast path for the requests that pass: a known key (or
     none under UPSELL_AUTH=off) and a JSON body that validates, parsed by pydantic-core from
     the bytes (``model_validate_json``). FastAPI's own handler (stdlib json, then validation,
-    then dependencies resolved one by one) cost ~80 us more per request, a tenth of a
-    recommendation's worker CPU. Every other request (no key, an unknown one, bad JSON,
-    another content type, a body that fails validation) goes to that handler, so refusals and
-    their bodies are FastAPI's, exactly as declared in the schema. So do all requests while
-    ``app.dependency_overrides`` holds anything (a test's stand-ins). The route may depend on
-    ``identify`` only: building it with another dependency fails, since the fast path would
-    skip it (dependencies given to ``include_router`` are not checked: give none). FastAPI's
-    telemetry, when configured, sees only the requests of FastAPI's handler.
+    then dependencies resolved one by one) cost 60-170 us more worker CPU per cart request,
+    5-15% of it (benchmarks/README.md, the load section).
+
+    Every other request (no key, an unknown one, bad JSON, another content type, a body that
+    fails validation) goes to that handler, so refusals and their bodies are FastAPI's,
+    exactly as declared in the schema. So do all requests while ``app.dependency_overrides``
+    holds anything (a test's stand-ins). The route may depend on ``identify`` only: building
+    it with another dependency fails, since the fast path would skip it (dependencies given
+    to ``include_router`` are not checked: give none). FastAPI's telemetry, when configured,
+    sees only the requests of FastAPI's handler.
     """
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
