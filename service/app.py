@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import gc
+import stat
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import anthropic
 import structlog
@@ -149,3 +151,19 @@ def log_auth(guard: Guard) -> None:
         )
     else:
         log.info("auth_configured", **described)
+    keys_file = guard.keys.source
+    if keys_file is not None and writable_by_others(Path(keys_file)):
+        log.warning(
+            "api_keys_file_writable",
+            keys_file=keys_file,
+            effect="users other than its owner can write the keys file, so they can add a "
+            "key with any scope (and it is reloaded while serving): chmod go-w it",
+        )
+
+
+def writable_by_others(path: Path) -> bool:
+    """Whether the group or others may write ``path`` (False when it cannot be read)."""
+    try:
+        return bool(path.stat().st_mode & (stat.S_IWGRP | stat.S_IWOTH))
+    except OSError:
+        return False

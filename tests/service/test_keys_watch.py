@@ -124,3 +124,29 @@ def test_the_watcher_reloads_only_what_changed_and_settled(tmp_path: Path) -> No
     assert watcher.check() == REFUSED
     assert watcher.check() is None  # the same bad version is not judged twice
     assert len(rings) == 1
+
+
+def test_a_keys_file_others_may_write_is_warned_about_at_start(
+    demo_data: DemoData, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    keys_file = write_keys(tmp_path / "keys.yaml", {"alpha": (["cart"], None)})
+    settings = Settings(
+        auth="keys",
+        api_keys_file=keys_file,
+        api_keys_reload_seconds=0,
+        state_dir=tmp_path / "state",
+        artifacts_dir=demo_data.artifacts_dir,
+        explain_stats_log_seconds=0,
+    )
+    keys_file.chmod(0o600)
+    with served(create_app(settings)):
+        pass
+    assert "api_keys_file_writable" not in capfd.readouterr().err
+    keys_file.chmod(0o664)
+    with served(create_app(settings)):
+        pass
+    warning = next(
+        line for line in capfd.readouterr().err.splitlines() if "api_keys_file_writable" in line
+    )
+    assert str(keys_file) in warning
+    assert "chmod go-w" in warning
