@@ -27,6 +27,7 @@ __all__ = ["FileStamp", "KeysFileWatcher", "file_stamp"]
 log = structlog.get_logger(__name__)
 
 FileStamp = tuple[int, int, int]  # st_mtime_ns, st_size, st_ino
+_UNKNOWN: Final = object()
 RELOADED: Final = "reloaded"
 REFUSED: Final = "refused"
 
@@ -57,13 +58,14 @@ class KeysFileWatcher:
         self._keys = loaded
         self._use = use
         self._on_outcome = on_outcome
-        # The stamp of the version in force, or of one refused: neither is read again.
-        self._seen = file_stamp(path)
+        # The stamp of the version in force, or of one refused: neither is read again. Not
+        # known at first: ``loaded`` was read before this watcher, maybe from an older file.
+        self._seen: object = _UNKNOWN  # a FileStamp, or None for a file that was missing
         self._task: asyncio.Task[None] | None = None
 
     def check(self) -> str | None:
         """Load the file if it changed since the last check: ``RELOADED`` (in force now),
-        ``REFUSED`` (bad, the keys before stay) or None (unchanged, or changing)."""
+        ``REFUSED`` (bad, the keys before stay) or None (the same keys, or changing)."""
         before = file_stamp(self.path)
         if before == self._seen:
             return None
@@ -83,6 +85,8 @@ class KeysFileWatcher:
         if file_stamp(self.path) != before:
             return None
         self._seen = before
+        if ring.keys == self._keys.keys:
+            return None  # the same keys (the first check, or a file touched, not changed)
         previous = {key.name: key for key in self._keys.keys}
         current = {key.name: key for key in ring.keys}
         self._keys = ring

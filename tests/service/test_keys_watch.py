@@ -12,7 +12,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.api_keys import load_key_ring
+from service.api_keys import KeyRing, load_key_ring
 from service.app import create_app
 from service.keys_watch import REFUSED, RELOADED, KeysFileWatcher
 from service.logging import configure_logging
@@ -110,7 +110,7 @@ def test_a_changed_keys_file_takes_effect_while_serving(
 def test_the_watcher_reloads_only_what_changed_and_settled(tmp_path: Path) -> None:
     configure_logging(level="error", json=True)  # to this test's stderr
     keys_file = write_keys(tmp_path / "keys.yaml", {"alpha": (["cart"], None)})
-    rings = []
+    rings: list[KeyRing] = []
     watcher = KeysFileWatcher(
         keys_file, loaded=load_key_ring(keys_file), use=rings.append, interval=1.0
     )
@@ -150,3 +150,19 @@ def test_a_keys_file_others_may_write_is_warned_about_at_start(
     )
     assert str(keys_file) in warning
     assert "chmod go-w" in warning
+
+
+def test_the_first_check_catches_a_change_made_before_the_watcher_started(
+    tmp_path: Path,
+) -> None:
+    configure_logging(level="error", json=True)
+    keys_file = write_keys(tmp_path / "keys.yaml", {"alpha": (["cart"], None)})
+    loaded = load_key_ring(keys_file)  # as create_app reads it, before the lifespan starts
+    write_keys(keys_file, {"beta": (["cart"], None)})
+    rings: list[KeyRing] = []
+    watcher = KeysFileWatcher(keys_file, loaded=loaded, use=rings.append, interval=1.0)
+    assert watcher.check() == RELOADED
+    assert [key.name for key in rings[0].keys] == ["beta"]
+    os.utime(keys_file, ns=(0, 2))  # touched, the same keys: nothing to say
+    assert watcher.check() is None
+    assert len(rings) == 1
