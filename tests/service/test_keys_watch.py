@@ -48,6 +48,21 @@ def reloads(base: str) -> dict[str, float]:
     return found
 
 
+def keys_settings(
+    demo_data: DemoData, tmp_path: Path, keys_file: Path, *, reload_seconds: float
+) -> Settings:
+    """The sample's model, the in-process store, keys from ``keys_file``; info logs."""
+    return Settings(
+        auth="keys",
+        api_keys_file=keys_file,
+        api_keys_reload_seconds=reload_seconds,
+        state_dir=tmp_path / "state",
+        artifacts_dir=demo_data.artifacts_dir,
+        explain_stats_log_seconds=0,
+        log_level="info",
+    )
+
+
 def eventually(condition: Callable[[], bool], what: str, *, within: float = 10.0) -> None:
     give_up_at = time.monotonic() + within
     while not condition():
@@ -60,15 +75,7 @@ def test_a_changed_keys_file_takes_effect_while_serving(
     demo_data: DemoData, tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
     keys_file = write_keys(tmp_path / "keys.yaml", {"alpha": (["cart"], None)})
-    settings = Settings(
-        auth="keys",
-        api_keys_file=keys_file,
-        api_keys_reload_seconds=0.05,
-        state_dir=tmp_path / "state",
-        artifacts_dir=demo_data.artifacts_dir,
-        explain_stats_log_seconds=0,
-        log_level="info",
-    )
+    settings = keys_settings(demo_data, tmp_path, keys_file, reload_seconds=0.05)
     with served(create_app(settings)) as base:
         assert (status(base, "alpha"), status(base, "beta")) == (422, 401)
 
@@ -130,14 +137,7 @@ def test_a_keys_file_others_may_write_is_warned_about_at_start(
     demo_data: DemoData, tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
     keys_file = write_keys(tmp_path / "keys.yaml", {"alpha": (["cart"], None)})
-    settings = Settings(
-        auth="keys",
-        api_keys_file=keys_file,
-        api_keys_reload_seconds=0,
-        state_dir=tmp_path / "state",
-        artifacts_dir=demo_data.artifacts_dir,
-        explain_stats_log_seconds=0,
-    )
+    settings = keys_settings(demo_data, tmp_path, keys_file, reload_seconds=0)
     keys_file.chmod(0o600)
     with served(create_app(settings)):
         pass
