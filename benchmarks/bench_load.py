@@ -8,7 +8,8 @@ with the ceiling of the same stack (``POST /v1/ping``) measured in the same run.
    the one place that knows how), auth by API key (``UPSELL_AUTH=keys``, a keys file holding
    the hash of a bench key with every scope and a rate limit far above what wrk can ask).
 4. Drives it with ``wrk`` (``benchmarks/wrk_post_bodies.lua`` posts real baskets of the
-   sample, per channel):
+   sample, per channel, a fresh draw of ``BODIES_PER_RUN`` for each run, so that a basket
+   repeats only as baskets do, and guests' candidate lists are remembered that often):
    - ``--rate`` (500) requests per second, paced by the script's ``delay()``, one run per
      channel (cart, pdp, pos, contact_center): achieved rate and p50/p95/p99; then cart
      once more at ``--light-rate`` (200), a rate this box can hold, so the latency of an
@@ -27,7 +28,7 @@ wrk runs on the same 2 cores as the workers and Redis: every figure is of the wh
 
     OPENBLAS_NUM_THREADS=1 .venv/bin/python benchmarks/bench_load.py [--duration 20]
         [--rate 500] [--workers 2] [--paced-connections 16] [--peak-connections 4]
-        [--stock-mirror on|off] [--no-floor]
+        [--stock-mirror on|off] [--generation-memory-lists N] [--no-floor]
 
 Needs ``wrk`` (Debian package ``wrk``): installed with apt-get when run as root, else the
 script exits saying so. Not a test: run it by hand on a quiet machine (see ``uptime``).
@@ -65,7 +66,10 @@ LUA_SCRIPT = REPO / "benchmarks" / "wrk_post_bodies.lua"
 HOST = "127.0.0.1"
 CHANNELS = ("cart", "pdp", "pos", "contact_center")
 SCOPES = ["cart", "pdp", "pos", "contact_center", "admin", "events"]
-BODIES_PER_CHANNEL = 2_000
+# Bodies per wrk run, each run its own draw: more than the fastest run sends, so that no run
+# replays a body list it has sent (a guest's repeated basket is then remembered only as often
+# as real baskets repeat, not because the list went round).
+BODIES_PER_RUN = 100_000
 TARGET_CART_P99_MS = 15.0
 TARGET_PEAK_RATIO = 0.35
 FLOOR_RUN = "cart, peak, pipeline replayed"
@@ -243,7 +247,7 @@ def service(env: dict[str, str], *, port: int, workers: int, floor: bool = False
 # -- request bodies -------------------------------------------------------------------------------
 
 
-def channel_bodies(orders_path: Path, channel: str, count: int, *, seed: int) -> list[str]:
+def channel_bodies(orders_path: Path, channel: str, count: int, *, seed: str) -> list[str]:
     """Real baskets of the sample (1-5 lines of one order) as JSON bodies for ``channel``."""
     rng = random.Random(f"{seed}-{channel}")
     baskets = (
@@ -359,6 +363,17 @@ def pipeline_budget(
     }
 
 
+def candidate_lists(base_url: str, channel: str) -> dict[str, float]:
+    """``upsell_candidate_lists_total`` of ``channel`` by origin, summed over the workers."""
+    text = httpx.get(f"{base_url}/metrics", timeout=10).text
+    counts = {"remembered": 0.0, "generated": 0.0}
+    for line in text.splitlines():
+        if line.startswith("upsell_candidate_lists_total{") and f'channel="{channel}"' in line:
+            origin = line.split('origin="', 1)[1].split('"', 1)[0]
+            counts[origin] = counts.get(origin, 0.0) + float(line.rsplit(" ", 1)[1])
+    return counts
+
+
 def load_average() -> list[float]:
     return [round(value, 2) for value in os.getloadavg()]
 
@@ -383,6 +398,13 @@ def table(results: dict[str, Any]) -> str:
         f"/v1/ping {summary['peak_ping_per_s']:,.0f} req/s: "
         f"{summary['peak_ratio']:.1%} (target >= {TARGET_PEAK_RATIO:.0%})",
     ]
+    lists = results["runs"]["cart, peak"].get("candidate_lists")
+    if lists:
+        total = lists["remembered"] + lists["generated"]
+        rows.append(
+            f"cart peak: {lists['remembered_share']:.1%} of candidate lists remembered for "
+            f"guests ({lists['remembered']:,.0f} of {total:,.0f})"
+        )
     if "floor_per_s" in summary:
         rows.append(
             f"pipeline replayed: {summary['floor_per_s']:,.0f} req/s, "
@@ -419,6 +441,13 @@ def main() -> None:
         default=True,
         help="also the peak of the route with its pipeline replayed (floor_app.py)",
     )
+    parser.add_argument(
+        "--generation-memory-lists",
+        type=int,
+        default=None,
+        help="UPSELL_GENERATION_MEMORY_LISTS (0 = guests' lists generated every time); "
+        "unset = the service's default",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     wrk = require_wrk()
@@ -437,15 +466,23 @@ def main() -> None:
             env["UPSELL_API_KEYS_FILE"] = str(keys_file)
             env["UPSELL_STOCK_MIRROR"] = "true" if args.stock_mirror == "on" else "false"
 
+            if args.generation_memory_lists is not None:
+                env["UPSELL_GENERATION_MEMORY_LISTS"] = str(args.generation_memory_lists)
             bodies_files: dict[str, Path] = {}
             probes: dict[str, Any] = {}
-            for channel in CHANNELS:
+            # One draw per run: the paced runs (per channel), the warm-up and the cart peak.
+            for stream, channel in (
+                *((channel, channel) for channel in CHANNELS),
+                ("cart light", "cart"),
+                ("warm-up", "cart"),
+                ("cart peak", "cart"),
+            ):
                 bodies = channel_bodies(
-                    data_dir / "orders.parquet", channel, BODIES_PER_CHANNEL, seed=11
+                    data_dir / "orders.parquet", channel, BODIES_PER_RUN, seed=f"11-{stream}"
                 )
-                bodies_files[channel] = root / f"bodies_{channel}.jsonl"
-                bodies_files[channel].write_text("\n".join(bodies) + "\n")
-                probes[channel] = bodies[:50]
+                bodies_files[stream] = root / f"bodies_{stream.replace(' ', '_')}.jsonl"
+                bodies_files[stream].write_text("\n".join(bodies) + "\n")
+                probes.setdefault(channel, bodies[:50])
 
             port = free_port()
             with service(env, port=port, workers=args.workers) as base_url:
@@ -455,12 +492,12 @@ def main() -> None:
                 recommendations, ping = f"{base_url}/v1/recommendations", f"{base_url}/v1/ping"
                 common = {"token": token, "threads": args.threads}
 
-                def paced(channel: str, rate: int) -> dict[str, Any]:
+                def paced(channel: str, rate: int, stream: str | None = None) -> dict[str, Any]:
                     print(f"wrk: {channel} at {rate} req/s for {args.duration} s", flush=True)
                     return run_wrk(
                         wrk,
                         recommendations,
-                        bodies_file=bodies_files[channel],
+                        bodies_file=bodies_files[stream or channel],
                         duration_s=args.duration,
                         connections=args.paced_connections,
                         rate=rate,
@@ -472,7 +509,7 @@ def main() -> None:
                     return run_wrk(
                         wrk,
                         url,
-                        bodies_file=bodies_files["cart"],
+                        bodies_file=bodies_files["cart peak"],
                         duration_s=args.duration,
                         connections=args.peak_connections,
                         rate=0,
@@ -483,7 +520,7 @@ def main() -> None:
                 run_wrk(
                     wrk,
                     recommendations,
-                    bodies_file=bodies_files["cart"],
+                    bodies_file=bodies_files["warm-up"],
                     duration_s=5,
                     connections=args.peak_connections,
                     rate=0,
@@ -493,10 +530,23 @@ def main() -> None:
                 for channel in CHANNELS:
                     runs[f"{channel} @ {args.rate}/s"] = paced(channel, args.rate)
                 if args.light_rate:
-                    runs[f"cart @ {args.light_rate}/s"] = paced("cart", args.light_rate)
+                    runs[f"cart @ {args.light_rate}/s"] = paced(
+                        "cart", args.light_rate, stream="cart light"
+                    )
                 runs["ping, peak (before)"] = peak(ping)
+                lists_before = candidate_lists(base_url, "cart")
                 runs["cart, peak"] = peak(recommendations)
+                lists_after = candidate_lists(base_url, "cart")
                 runs["ping, peak (after)"] = peak(ping)
+                remembered, generated = (
+                    lists_after[origin] - lists_before[origin]
+                    for origin in ("remembered", "generated")
+                )
+                runs["cart, peak"]["candidate_lists"] = {
+                    "remembered": remembered,
+                    "generated": generated,
+                    "remembered_share": round(remembered / max(remembered + generated, 1), 4),
+                }
 
             if args.floor:
                 # The same route and workers, the pipeline replayed: what the rest costs.
@@ -506,7 +556,7 @@ def main() -> None:
                 port = free_port()
                 with service(floor_env, port=port, workers=args.workers, floor=True) as floor_url:
                     replayed = f"{floor_url}/v1/recommendations"
-                    warm_up = {**common, "bodies_file": bodies_files["cart"], "rate": 0}
+                    warm_up = {**common, "bodies_file": bodies_files["cart peak"], "rate": 0}
                     run_wrk(
                         wrk,
                         replayed,
@@ -559,6 +609,8 @@ def main() -> None:
             ).stdout.split("\n")[0],
             "auth": "UPSELL_AUTH=keys, one bench key with every scope",
             "stock_mirror": args.stock_mirror,
+            "generation_memory_lists": args.generation_memory_lists,
+            "bodies_per_run": BODIES_PER_RUN,
         },
         "probes": probed,
         "runs": runs,

@@ -35,6 +35,7 @@ from models.interfaces import (
     Kind,
     ModelArtifacts,
 )
+from models.memory import GuestCandidateMemory
 from rules.constraints import (
     KEPT,
     MASTER_CONSTRAINTS,
@@ -193,6 +194,8 @@ class Recommendation:
     experiment: Assignment | None = None
     # What a holdout arm would have shown: recorded with the exposure, never answered.
     withheld: tuple[RecommendedItem, ...] = ()
+    # The first candidate list came from the guest memory (``models.memory``), not the model.
+    candidates_remembered: bool = False
 
 
 @dataclass(frozen=True, eq=False)
@@ -227,6 +230,7 @@ class Recommender:
         channel_budgets: Mapping[Channel, float] | None = None,
         exposures: ExposureRecorder | None = None,
         stock_mirror: StockMirror | None = None,
+        generation_memory_lists: int = 0,
     ) -> None:
         """``generator`` overrides the policy's generator mix (the offline evaluation compares
         mixes); by default each snapshot's ``ServingSnapshot.generator`` proposes.
@@ -234,7 +238,9 @@ class Recommender:
         request whose caller gives no deadline; without them such a request gets no time for
         anything but the in-process cache and templates. ``exposures`` records every answer
         for the ROI report (none offline). ``stock_mirror``: stock read in process while it
-        vouches for the figures (``service.stock_mirror``), else from the store."""
+        vouches for the figures (``service.stock_mirror``), else from the store.
+        ``generation_memory_lists``: guest candidate lists remembered per serving snapshot
+        (``models.memory``; 0 = none, and none with a ``generator`` override)."""
         self._explainer: Explainer = explainer or TemplateExplainer()
         self._channel_budgets = dict(channel_budgets or {})
         self._exposures = exposures
@@ -248,6 +254,10 @@ class Recommender:
         self._model_skus = np.asarray(artifacts.item_skus, dtype=object)
         self._eligible_by_serving: weakref.WeakKeyDictionary[
             ServingSnapshot, dict[tuple[Channel, str | None, str | None], EligibleNodes]
+        ] = weakref.WeakKeyDictionary()
+        self._generation_memory_lists = generation_memory_lists if generator is None else 0
+        self._memory_by_serving: weakref.WeakKeyDictionary[
+            ServingSnapshot, GuestCandidateMemory
         ] = weakref.WeakKeyDictionary()
 
     async def recommend(
@@ -322,12 +332,20 @@ class Recommender:
         )
         rounds: list[_Judged] = []
         pool = policy.candidate_pool
+        candidates_remembered = False
+        memory = self._guest_memory(serving) if user_row is None else None
         while True:
-            candidates = generator.generate(
-                anchors=anchors, user_row=user_row, count=pool, context=context
-            )
-            generated = len(candidates)
             first_round = not rounds
+            if memory is not None:
+                candidates, remembered = memory.generate(
+                    anchors=anchors, count=pool, context=context
+                )
+                candidates_remembered = candidates_remembered or (first_round and remembered)
+            else:
+                candidates = generator.generate(
+                    anchors=anchors, user_row=user_row, count=pool, context=context
+                )
+            generated = len(candidates)
             if not first_round:  # a bigger pool: only what no round has judged yet
                 seen = np.concatenate([judged.item_idx for judged in rounds])
                 candidates = _subset(candidates, ~np.isin(candidates.item_idx, seen))
@@ -506,6 +524,7 @@ class Recommender:
             dropped=dropped,
             experiment=assignment,
             withheld=withheld,
+            candidates_remembered=candidates_remembered,
         )
         if dropped_skus_by_rule is not None:
             self._log_decision(
@@ -656,6 +675,17 @@ class Recommender:
             anchor_pos=serving.model_to_catalog[found.for_row[fresh]],
         )
         return judged, extra
+
+    def _guest_memory(self, serving: ServingSnapshot) -> GuestCandidateMemory | None:
+        """The guest candidate memory of ``serving``'s generator (None: remembering is off)."""
+        if not self._generation_memory_lists:
+            return None
+        memory = self._memory_by_serving.get(serving)
+        if memory is None:
+            memory = self._memory_by_serving[serving] = GuestCandidateMemory(
+                serving.generator, capacity=self._generation_memory_lists
+            )
+        return memory
 
     def _eligible_nodes(
         self, serving: ServingSnapshot, query: RecommendationQuery

@@ -116,6 +116,7 @@ class Runtime:
             },
             exposures=exposures,
             stock_mirror=stock_mirror,
+            generation_memory_lists=settings.generation_memory_lists,
         )
         log.info(
             "service_started",

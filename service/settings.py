@@ -53,6 +53,13 @@ class Settings(BaseSettings):
         description="The stock mirror is used only while Redis answered its follower this "
         "recently; otherwise requests read Redis.",
     )
+    generation_memory_lists: int = Field(
+        default=4096,
+        ge=0,
+        description="Candidate lists each worker remembers for guests (same basket or "
+        "product, same region): the model's proposal is reused, the rules still judge it "
+        "afresh; about 3 kB a list. 0 = generate every time.",
+    )
     host: str = Field(default="127.0.0.1", description="Address `upsell serve` binds.")
     port: int = Field(default=8000, ge=1, le=65535, description="Port `upsell serve` binds.")
     log_level: Literal["debug", "info", "warning", "error"] = Field(

@@ -172,6 +172,7 @@ async def answer(body: RecommendationRequest, request: Request, caller: Caller) 
         candidates=result.candidates_considered,
         dropped_by_rule=result.dropped_by_rule,
         explanation_sources=[item.explanation_source for item in result.items],
+        candidates_remembered=result.candidates_remembered,
     )
     refresh_gauges(runtime, metrics)
     if body.debug:

@@ -659,8 +659,9 @@ def samples(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
 
 
 def test_metrics_show_the_series_with_their_labels(server: Server) -> None:
-    """After a few requests /metrics has latency per route and channel, candidates, drops per
-    rule, explanation sources, Redis timings, snapshot age, versions, 429s and auth failures."""
+    """After a few requests /metrics has latency per route and channel, candidates, candidate
+    lists generated and remembered, drops per rule, explanation sources, Redis timings,
+    snapshot age, versions, 429s and auth failures."""
     for _ in range(3):
         assert post(server, "/v1/recommendations", json=CART, headers=bearer("web-shop")).is_success
     assert post(server, "/v1/recommendations", json=PDP, headers=bearer("web-shop")).is_success
@@ -683,6 +684,14 @@ def test_metrics_show_the_series_with_their_labels(server: Server) -> None:
         labels["channel"]: value for labels, value in found["upsell_candidates_generated_total"]
     }
     assert candidates["cart"] > 0
+    # The same guest cart asked again and again (this module's server has served other
+    # carts): remembered, not generated, after the first time.
+    lists = {
+        (labels["channel"], labels["origin"]): value
+        for labels, value in found["upsell_candidate_lists_total"]
+    }
+    assert lists[("cart", "generated")] >= 1
+    assert lists[("cart", "remembered")] >= 2
     assert found["upsell_candidates_dropped_total"]
     assert all(labels["rule"] for labels, _ in found["upsell_candidates_dropped_total"])
     sources = {

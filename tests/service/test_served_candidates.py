@@ -250,3 +250,38 @@ def test_every_request_logs_its_decision_without_the_customer(
     assert decision["snapshot_version"] == answer["versions"]["snapshot"]
     assert decision["model_version"] == answer["versions"]["model"]
     assert customer not in logged
+
+
+def test_remembered_guest_lists_change_no_answer(
+    demo_data: DemoData, base_snapshot: SnapshotData, tmp_path: Path
+) -> None:
+    """Real baskets on every channel, asked twice with the guest memory on and once with it
+    off: the same answers, and the second pass remembers every guest's list."""
+    bodies = list(random_bodies(demo_data, base_snapshot, 80, seed=23))
+    guests = sum(1 for body in bodies if not body.get("consent"))
+    publish(settings_for(demo_data, tmp_path), base_snapshot)
+
+    def answers(client: TestClient) -> list[dict]:
+        answered = []
+        for body in bodies:
+            response = client.post("/v1/recommendations", json=body)
+            assert response.status_code == 200, (body, response.text)
+            answer = response.json()
+            del answer["request_id"]
+            answered.append(answer)
+        return answered
+
+    with TestClient(create_app(settings_for(demo_data, tmp_path))) as client:
+        first, second = answers(client), answers(client)
+        metrics = client.get("/metrics").text
+    off = settings_for(demo_data, tmp_path, generation_memory_lists=0)
+    with TestClient(create_app(off)) as client:
+        unremembered = answers(client)
+    assert first == second == unremembered
+    assert sum(len(answer["items"]) for answer in first) > 0
+    remembered = sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith("upsell_candidate_lists_total{") and 'origin="remembered"' in line
+    )
+    assert guests <= remembered < len(bodies) * 2
