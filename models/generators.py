@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -53,6 +54,7 @@ from models.candidates import (
     best_items,
     empty_candidates,
     merge_neighbour_rows,
+    merge_weighted_sources,
 )
 from models.interfaces import (
     CandidateGenerator,
@@ -63,7 +65,7 @@ from models.interfaces import (
     NeighbourTable,
 )
 from rules.catalog import Catalog
-from rules.compiled import compiled, read_only, register_warm_up
+from rules.compiled import compiled, compiled_inline, read_only, register_warm_up
 from rules.staleness import epoch_us
 
 IntArray = npt.NDArray[np.int32]
@@ -275,11 +277,7 @@ class UpgradeGenerator:
         if member.size == 0:
             return empty_candidates()
         # Cosine over the surviving pairs only: one row-wise dot product per pair.
-        dots = np.einsum(
-            "ij,ij->i",
-            np.asarray(self._factors[anchor], dtype=np.float64),
-            np.asarray(self._factors[member], dtype=np.float64),
-        )
+        dots = _pair_dots(self._factors, anchor, member)
         items, scores = _best_upgrades(
             anchor, member, dots, self._norms, self._min_similarity, count
         )
@@ -324,6 +322,24 @@ def _upgrade_pairs(  # noqa: PLR0917 (a compiled loop: no keyword-only arguments
             pair_member[pairs] = member
             pairs += 1
     return pair_anchor[:pairs], pair_member[:pairs]
+
+
+@compiled
+def _pair_dots(
+    factors: npt.NDArray[np.floating],
+    anchor: npt.NDArray[np.int64],
+    member: npt.NDArray[np.int64],
+) -> npt.NDArray[np.float64]:
+    """Per pair, the dot product of the anchor's and the member's factor rows, in float64
+    (one loop: numpy gathered both rows of every pair into copies first)."""
+    dots = np.empty(anchor.shape[0], dtype=np.float64)
+    for at in range(anchor.shape[0]):
+        first, second = anchor[at], member[at]
+        total = 0.0
+        for column in range(factors.shape[1]):
+            total += np.float64(factors[first, column]) * np.float64(factors[second, column])
+        dots[at] = total
+    return dots
 
 
 @compiled
@@ -377,6 +393,9 @@ def _warm_up_upgrades() -> None:
         3.0,
     )
     pairs = np.array([0, 0], dtype=np.int64)
+    factors = np.ones((3, 2), dtype=np.float32)
+    for served in (factors, read_only(factors)):  # memory-mapped when served, trained in memory
+        _pair_dots(served, pairs, np.array([1, 2], dtype=np.int64))
     _best_upgrades(
         pairs,
         np.array([1, 2], dtype=np.int64),
@@ -667,7 +686,7 @@ def build_generator(
         generators.append(_make(name, artifacts, facts, replenish_tolerance))
     if len(generators) == 1:
         return generators[0]
-    return HybridGenerator(generators, list(chosen.values()))
+    return CompiledHybridGenerator(generators, list(chosen.values()))
 
 
 def _make(
@@ -691,6 +710,421 @@ def _make(
     if name == "segment_popular":
         return SegmentPopularityGenerator(artifacts, facts)
     raise ValueError(f"no generator named {name!r}")
+
+
+# -- the hybrid in one compiled pass -----------------------------------------------------
+
+# What each source of a ``CompiledHybridGenerator`` is, in its plan.
+_SOURCE_CROSS_SELL, _SOURCE_FACTOR, _SOURCE_BUNDLE = 0, 1, 2
+_SOURCE_UPGRADE, _SOURCE_SEGMENT, _SOURCE_POPULAR = 3, 4, 5
+_SOURCE_GIVEN = 6  # generated in Python before the pass (customer models, any other kind)
+
+# The generators the pass runs itself, by exact type (a subclass may generate otherwise).
+_PASS_SOURCES: dict[type, int] = {
+    ItemItemGenerator: _SOURCE_CROSS_SELL,
+    FactorItemItemGenerator: _SOURCE_FACTOR,
+    BundleGenerator: _SOURCE_BUNDLE,
+    UpgradeGenerator: _SOURCE_UPGRADE,
+    SegmentPopularityGenerator: _SOURCE_SEGMENT,
+    PopularityGenerator: _SOURCE_POPULAR,
+}
+# Generators that propose nothing without a customer: a guest's request skips them.
+_NEEDS_A_CUSTOMER = (AlsGenerator, ReplenishmentGenerator)
+# Generators that check anchors against the model's item count.
+_ANCHORED = (
+    ItemItemGenerator,
+    _NeighbourTableGenerator,
+    UpgradeGenerator,
+    SegmentPopularityGenerator,
+)
+
+
+def _frozen(array: npt.ArrayLike, dtype: npt.DTypeLike) -> npt.NDArray[Any]:
+    """A read-only, C-ordered view (a copy only where the dtype or order differs): the pass
+    is compiled for one set of argument types, served (memory-mapped) or trained alike."""
+    view = np.ascontiguousarray(array, dtype=dtype).view()
+    view.setflags(write=False)
+    return view
+
+
+# Category, group indptr and members, price, margin, factors, norms; min similarity, reach.
+_UpgradeArrays = tuple[
+    npt.NDArray[np.int64],
+    npt.NDArray[np.int64],
+    npt.NDArray[np.int64],
+    npt.NDArray[np.float64],
+    npt.NDArray[np.float64],
+    npt.NDArray[np.float32],
+    npt.NDArray[np.float32],
+    float,
+    float,
+]
+
+
+_Table = tuple[npt.NDArray[np.int32], npt.NDArray[np.float32]]  # items, scores
+
+
+def _no_table() -> _Table:
+    return _frozen(np.zeros((0, 0)), np.int32), _frozen(np.zeros((0, 0)), np.float32)
+
+
+def _table_arrays(generator: CandidateGenerator | None) -> _Table:
+    table = generator._table if isinstance(generator, _NeighbourTableGenerator) else None
+    if table is None:
+        return _no_table()
+    return _frozen(table.items, np.int32), _frozen(table.scores, np.float32)
+
+
+class CompiledHybridGenerator(HybridGenerator):
+    """``HybridGenerator`` over the generators ``build_generator`` makes, run as one compiled
+    pass: the same sources in the same order, each computed by the same compiled steps, and
+    the same merge, without a Python call, a boxed array and a concatenation per source
+    (which had cost as much as the work). A test holds it equal to ``HybridGenerator``.
+
+    Generators of other types, and the customer models when there is a customer, generate
+    in Python first; their lists enter the pass in their place in the order.
+    """
+
+    def __init__(self, generators: Sequence[CandidateGenerator], weights: Sequence[float]) -> None:
+        super().__init__(generators, weights)
+        by_type = {type(generator): generator for generator in generators}
+        self._plan = _frozen(
+            [_PASS_SOURCES.get(type(g), _SOURCE_GIVEN) for g in generators], np.int64
+        )
+        self._plan_weights = _frozen(self._weights, np.float64)
+        self._plan_kinds = _frozen([int(g.kind) for g in generators], np.int8)
+        self._given = tuple(g for g in generators if type(g) not in _PASS_SOURCES)
+        # Anchors are checked against the model once, as each anchored generator checks them.
+        sized = [g._n_items for g in generators if isinstance(g, _ANCHORED)]
+        self._n_items = sized[0] if sized else np.iinfo(np.int64).max
+        cross_sell = by_type.get(ItemItemGenerator)
+        cross_sell_table = (
+            (
+                _frozen(cross_sell._neighbours, np.int32),
+                _frozen(cross_sell._neighbour_scores, np.float32),
+            )
+            if isinstance(cross_sell, ItemItemGenerator)
+            else _no_table()
+        )
+        factor_table = _table_arrays(by_type.get(FactorItemItemGenerator))
+        bundle_table = _table_arrays(by_type.get(BundleGenerator))
+        self._tables: tuple[_Table, _Table, _Table] = (cross_sell_table, factor_table, bundle_table)
+        upgrade = by_type.get(UpgradeGenerator)
+        if isinstance(upgrade, UpgradeGenerator):
+            self._upgrade: _UpgradeArrays = (
+                _frozen(upgrade._category, np.int64),
+                _frozen(upgrade._groups.indptr, np.int64),
+                _frozen(upgrade._groups.members, np.int64),
+                _frozen(upgrade._price, np.float64),
+                _frozen(upgrade._margin, np.float64),
+                _frozen(upgrade._factors, np.float32),
+                _frozen(upgrade._norms, np.float32),
+                float(upgrade._min_similarity),
+                float(upgrade._max_price_ratio),
+            )
+        else:
+            no_codes, no_floats = _frozen(np.zeros(0), np.int64), _frozen(np.zeros(0), np.float64)
+            self._upgrade = (
+                *(no_codes, no_codes, no_codes, no_floats, no_floats),
+                _frozen(np.zeros((0, 0)), np.float32),
+                _frozen(np.zeros(0), np.float32),
+                0.0,
+                2.0,
+            )
+        segment = by_type.get(SegmentPopularityGenerator)
+        self._segment = segment if isinstance(segment, SegmentPopularityGenerator) else None
+        groups = self._segment._groups if self._segment is not None else None
+        self._segment_groups = (
+            (_frozen(groups.indptr, np.int64), _frozen(groups.members, np.int64))
+            if groups is not None
+            else (_NO_CODES_FROZEN, _NO_CODES_FROZEN)
+        )
+        if self._segment is not None:
+            self._overall_shares = _frozen(self._segment._popularity, np.float64)
+            order = self._segment._region_order
+            self._region_order = _frozen(order, np.int32) if order is not None else None
+        self._region_shares: dict[int, npt.NDArray[np.float64]] = {}  # converted once each
+        popular = by_type.get(PopularityGenerator)
+        self._popular = (
+            (_frozen(popular._order, np.int32), _frozen(popular._ranked_scores, np.float32))
+            if isinstance(popular, PopularityGenerator)
+            else (_NO_ORDER, _frozen(np.zeros(0), np.float32))
+        )
+
+    def generate(
+        self,
+        *,
+        anchors: IntArray,
+        user_row: int | None,
+        count: int,
+        context: GenerationContext | None = None,
+    ) -> Candidates:
+        if count <= 0:
+            return empty_candidates()
+        anchor_rows = _anchor_rows(anchors, self._n_items)
+        given = [
+            generator.generate(anchors=anchors, user_row=user_row, count=count, context=context)
+            if user_row is not None or not isinstance(generator, _NEEDS_A_CUSTOMER)
+            else empty_candidates()
+            for generator in self._given
+        ]
+        segment_codes, shares, region_order = self._segment_request(anchor_rows, context)
+        # One tuple: mypy cannot follow several unpacked tuples onto 31 parameters.
+        arguments: tuple[Any, ...] = (
+            self._plan,
+            self._plan_weights,
+            self._plan_kinds,
+            int(count),
+            anchor_rows,
+            *self._tables[0],
+            *self._tables[1],
+            *self._tables[2],
+            *self._upgrade,
+            segment_codes,
+            *self._segment_groups,
+            shares,
+            region_order,
+            *self._popular,
+            _concatenated([part.item_idx for part in given], np.int32),
+            _concatenated([part.score for part in given], np.float32),
+            _concatenated([part.kind for part in given], np.int8),
+            np.array([len(part) for part in given], dtype=np.int64),
+        )
+        items, scores, kinds = _hybrid_pass(*arguments)
+        return Candidates(item_idx=items, score=scores, kind=kinds)
+
+    def _segment_request(
+        self, anchor_rows: npt.NDArray[np.int64], context: GenerationContext | None
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64], npt.NDArray[np.int32]]:
+        """What ``SegmentPopularityGenerator.generate`` reads for this request: the segment's
+        category codes, the shares it ranks by, and the region's order (empty: none)."""
+        segment = self._segment
+        if segment is None:
+            return np.empty(0, dtype=np.int64), _NO_SHARES, _NO_ORDER
+        region = context.region if context is not None else None
+        region_row = segment._region_row.get(region) if region is not None else None
+        shares, region_order = self._overall_shares, _NO_ORDER
+        if region_row is not None and segment._region_share is not None:
+            converted = self._region_shares.get(region_row)
+            if converted is None:
+                converted = self._region_shares[region_row] = _frozen(
+                    segment._region_share[region_row], np.float64
+                )
+            shares = converted
+        if region_row is not None and self._region_order is not None:
+            region_order = self._region_order[region_row]
+        return segment._segment_categories(anchor_rows, context), shares, region_order
+
+
+_NO_CODES_FROZEN = _frozen(np.zeros(0), np.int64)
+_NO_SHARES = _frozen(np.zeros(0), np.float64)
+_NO_ORDER = _frozen(np.zeros(0), np.int32)
+
+
+def _concatenated(parts: list[npt.NDArray[Any]], dtype: npt.DTypeLike) -> npt.NDArray[Any]:
+    return np.concatenate(parts).astype(dtype, copy=False) if parts else np.empty(0, dtype)
+
+
+@compiled
+def _hybrid_pass(  # noqa: PLR0917 (a compiled loop: no keyword-only arguments)
+    plan: npt.NDArray[np.int64],
+    weights: npt.NDArray[np.float64],
+    kinds: npt.NDArray[np.int8],
+    count: int,
+    anchor_rows: npt.NDArray[np.int64],
+    cross_sell_items: npt.NDArray[np.int32],
+    cross_sell_scores: npt.NDArray[np.float32],
+    factor_items: npt.NDArray[np.int32],
+    factor_scores: npt.NDArray[np.float32],
+    bundle_items: npt.NDArray[np.int32],
+    bundle_scores: npt.NDArray[np.float32],
+    upgrade_category: npt.NDArray[np.int64],
+    upgrade_indptr: npt.NDArray[np.int64],
+    upgrade_members: npt.NDArray[np.int64],
+    upgrade_price: npt.NDArray[np.float64],
+    upgrade_margin: npt.NDArray[np.float64],
+    factors: npt.NDArray[np.float32],
+    norms: npt.NDArray[np.float32],
+    min_similarity: float,
+    max_price_ratio: float,
+    segment_codes: npt.NDArray[np.int64],
+    segment_indptr: npt.NDArray[np.int64],
+    segment_members: npt.NDArray[np.int64],
+    shares: npt.NDArray[np.float64],
+    region_order: npt.NDArray[np.int32],
+    popular_order: npt.NDArray[np.int32],
+    popular_scores: npt.NDArray[np.float32],
+    given_items: npt.NDArray[np.int32],
+    given_scores: npt.NDArray[np.float32],
+    given_kinds: npt.NDArray[np.int8],
+    given_lengths: npt.NDArray[np.int64],
+) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.float32], npt.NDArray[np.int8]]:
+    """Every source of the plan in order, as its generator computes it, then the hybrid's
+    merge (``merge_weighted_sources``) over the sources that proposed anything."""
+    sources = plan.shape[0]
+    room = sources * count + given_items.shape[0]
+    items = np.empty(room, dtype=np.int32)
+    scores = np.empty(room, dtype=np.float32)
+    item_kinds = np.empty(room, dtype=np.int8)
+    lengths = np.zeros(sources, dtype=np.int64)
+    active_weights = np.zeros(sources, dtype=np.float64)
+    filled, active, weight_sum, given, given_at = 0, 0, 0.0, 0, 0
+    has_anchors = anchor_rows.shape[0] > 0
+    for slot in range(sources):
+        source = plan[slot]
+        start = filled
+        if source == _SOURCE_GIVEN:
+            length = given_lengths[given]
+            for at in range(length):
+                items[filled] = given_items[given_at + at]
+                scores[filled] = given_scores[given_at + at]
+                item_kinds[filled] = given_kinds[given_at + at]
+                filled += 1
+            given += 1
+            given_at += length
+        elif source == _SOURCE_POPULAR:
+            for at in range(min(count, popular_order.shape[0])):
+                items[filled] = popular_order[at]
+                scores[filled] = popular_scores[at]
+                filled += 1
+        elif source == _SOURCE_SEGMENT:
+            filled = _segment_source(
+                anchor_rows, segment_codes, segment_indptr, segment_members, shares,
+                region_order, count, items, scores, filled,
+            )  # fmt: skip
+        elif not has_anchors:
+            pass  # the table and upgrade sources propose for anchors only
+        elif source == _SOURCE_UPGRADE:
+            upgradable = np.empty(anchor_rows.shape[0], dtype=np.int64)
+            kept = 0
+            for row in anchor_rows:
+                if upgrade_category[row] >= 0:
+                    upgradable[kept] = row
+                    kept += 1
+            if kept:
+                pair_anchor, pair_member = _upgrade_pairs(
+                    upgradable[:kept], upgrade_category, upgrade_indptr, upgrade_members,
+                    upgrade_price, upgrade_margin, max_price_ratio,
+                )  # fmt: skip
+                if pair_member.shape[0]:
+                    dots = _pair_dots(factors, pair_anchor, pair_member)
+                    best, best_scores = _best_upgrades(
+                        pair_anchor, pair_member, dots, norms, min_similarity, count
+                    )
+                    filled = _append(best, best_scores, items, scores, filled)
+        else:
+            if source == _SOURCE_CROSS_SELL:
+                table_items, table_scores = cross_sell_items, cross_sell_scores
+                score_kind, positive_only = NEIGHBOUR_SCORE_AS_IS, False
+            elif source == _SOURCE_FACTOR:
+                table_items, table_scores = factor_items, factor_scores
+                score_kind, positive_only = NEIGHBOUR_SCORE_AS_IS, True
+            else:
+                table_items, table_scores = bundle_items, bundle_scores
+                score_kind, positive_only = NEIGHBOUR_SCORE_LIFT, True
+            if table_items.shape[0]:
+                merged, merged_scores = merge_neighbour_rows(
+                    table_items, table_scores, anchor_rows, count, score_kind, positive_only
+                )
+                filled = _append(merged, merged_scores, items, scores, filled)
+        if filled > start:
+            if source != _SOURCE_GIVEN:
+                item_kinds[start:filled] = kinds[slot]
+            lengths[active] = filled - start
+            active_weights[active] = weights[slot]
+            weight_sum += weights[slot]
+            active += 1
+    if not active:
+        return (
+            np.empty(0, dtype=np.int32),
+            np.empty(0, dtype=np.float32),
+            np.empty(0, dtype=np.int8),
+        )
+    return merge_weighted_sources(
+        items[:filled],
+        scores[:filled],
+        item_kinds[:filled],
+        lengths[:active],
+        active_weights[:active],
+        weight_sum,
+        count,
+    )
+
+
+@compiled_inline
+def _append(
+    source_items: npt.NDArray[np.int32],
+    source_scores: npt.NDArray[np.float32],
+    items: npt.NDArray[np.int32],
+    scores: npt.NDArray[np.float32],
+    filled: int,
+) -> int:
+    for at in range(source_items.shape[0]):
+        items[filled] = source_items[at]
+        scores[filled] = source_scores[at]
+        filled += 1
+    return filled
+
+
+@compiled
+def _segment_source(  # noqa: PLR0917 (a compiled loop: no keyword-only arguments)
+    anchor_rows: npt.NDArray[np.int64],
+    codes: npt.NDArray[np.int64],
+    indptr: npt.NDArray[np.int64],
+    members: npt.NDArray[np.int64],
+    shares: npt.NDArray[np.float64],
+    region_order: npt.NDArray[np.int32],
+    count: int,
+    items: npt.NDArray[np.int32],
+    scores: npt.NDArray[np.float32],
+    filled: int,
+) -> int:
+    """``SegmentPopularityGenerator.generate``'s list appended to ``items`` and ``scores``:
+    the segment's best sellers, else the region's (``region_order``, empty: no region)."""
+    if codes.shape[0] and indptr.shape[0]:
+        best, best_scores = _segment_best(codes, indptr, members, shares, count)
+        return _append(best, best_scores, items, scores, filled)
+    if not region_order.shape[0]:
+        return filled
+    start, top = filled, 0.0
+    for at in range(min(count, region_order.shape[0])):
+        item = region_order[at]
+        if shares[item] > 0:
+            items[filled] = item
+            top = max(top, shares[item])
+            filled += 1
+    for at in range(start, filled):
+        # _divide_by_max: the share over the best one, clipped to [0, 1], as float32
+        scores[at] = min(max(shares[items[at]] / top, 0.0), 1.0) if top > 0 else 0.0
+    return filled
+
+
+def _warm_up_hybrid_pass() -> None:
+    """The pass on a two-item model, with the argument types ``CompiledHybridGenerator``
+    gives it: read-only arrays from construction, writable ones made per request."""
+    table_items = _frozen([[1], [0]], np.int32)
+    table_scores = _frozen([[2.0], [2.0]], np.float32)
+    codes, floats = _frozen([0, 0], np.int64), _frozen([1.0, 2.0], np.float64)
+    _hybrid_pass(
+        _frozen(list(range(7)), np.int64),
+        _frozen([1.0] * 7, np.float64),
+        _frozen([1] * 7, np.int8),
+        2,
+        np.array([0], dtype=np.int64),
+        *(table_items, table_scores, table_items, table_scores, table_items, table_scores),
+        *(codes, _frozen([0, 2], np.int64), _frozen([0, 1], np.int64), floats, floats),
+        *(_frozen([[1.0], [1.0]], np.float32), _frozen([1.0, 1.0], np.float32), 0.0, 3.0),
+        np.array([0], dtype=np.int64),
+        *(_frozen([0, 2], np.int64), _frozen([0, 1], np.int64), floats, _frozen([1, 0], np.int32)),
+        *(_frozen([1, 0], np.int32), _frozen([1.0, 0.5], np.float32)),
+        np.array([1], dtype=np.int32),
+        np.array([0.5], dtype=np.float32),
+        np.array([1], dtype=np.int8),
+        np.array([1], dtype=np.int64),
+    )
+
+
+register_warm_up(_warm_up_hybrid_pass)
 
 
 def _max_runs(
