@@ -335,7 +335,7 @@ def recommend(
         inputs.category_code,
         limit=LIMIT,
         max_per_category=compiled.policy.ranking.max_per_category,
-        restricted_partners=compiled.restricted_partners,
+        restricted_pairs=compiled.restricted_pairs,
     )
     if laps is not None:
         laps.append(time.perf_counter_ns())

@@ -14,13 +14,12 @@ catalog position, so the same inputs always give the same order.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 
-from rules.compiled import compiled, register_warm_up
+from rules.compiled import compiled, compiled_inline, register_warm_up
 from rules.constraints import OBJECTIVES, CompiledPolicy
 from rules.policy import Channel
 
@@ -179,86 +178,139 @@ def rank(
     *,
     limit: int,
     max_per_category: int,
-    restricted_partners: Sequence[frozenset[int]],
+    restricted_pairs: npt.NDArray[np.bool_],
 ) -> IntArray:
     """Indexes of the best ``limit`` candidates, best first (ties: lower catalog position).
 
     Walks the candidates in score order and takes each one unless its category is
-    restricted with the category of one already taken (``restricted_partners``, per
-    category code: ``CompiledPolicy.restricted_partners``; never relaxed) or its category
+    restricted with the category of one already taken (``restricted_pairs``, indexed by two
+    category codes: ``CompiledPolicy.restricted_pairs``; never relaxed) or its category
     already has ``max_per_category`` items while others are left. When the cap would leave
     the list short, the best capped-out candidates fill it, in score order, still never
     next to a restricted partner.
     """
-    count = len(final)
-    if limit <= 0 or not count:
-        return np.empty(0, dtype=np.int64)
-    picker = _Picker(limit, max_per_category, restricted_partners)
+    chosen: IntArray = _pick(
+        np.asarray(final, dtype=np.float64),
+        np.asarray(catalog_pos, dtype=np.int64),
+        np.asarray(category_code, dtype=np.int64),
+        int(limit),
+        int(max_per_category),
+        np.asarray(restricted_pairs, dtype=np.bool_),
+    )
+    return chosen
+
+
+@compiled
+def _pick(  # noqa: PLR0917 (a compiled loop: no keyword-only arguments)
+    final: FloatArray,
+    catalog_pos: IntArray,
+    category_code: IntArray,
+    limit: int,
+    max_per_category: int,
+    restricted_pairs: npt.NDArray[np.bool_],
+) -> IntArray:
+    """``rank``, compiled: the walk looks at a dozen or so candidates, where the Python loop
+    and its sets cost more than the sort."""
+    count = final.shape[0]
+    chosen = np.empty(max(min(limit, count), 0), dtype=np.int64)
+    if limit <= 0 or count == 0:
+        return chosen
+    codes = restricted_pairs.shape[0]
+    per_category = np.zeros(codes, dtype=np.int64)
+    blocked = np.zeros(codes, dtype=np.bool_)  # restricted with a category already chosen
+    capped = np.empty(count, dtype=np.int64)  # rows passed over for the cap, in score order
     head_size = 4 * limit
     if count <= head_size:
-        picker.walk(_score_order(final, catalog_pos, np.arange(count)), category_code)
+        order = _score_order(final, catalog_pos, np.arange(count))
+        picked, passed = _walk(
+            order, category_code, restricted_pairs, max_per_category, limit,
+            chosen, 0, per_category, blocked, capped, 0,
+        )  # fmt: skip
     else:
         # Only the best few can usually be shown: sort those, keeping every tie at the cut,
         # and look deeper only when they do not fill the list within the rules.
         threshold = np.partition(final, count - head_size)[count - head_size]
         in_head = final >= threshold
-        picker.walk(_score_order(final, catalog_pos, np.flatnonzero(in_head)), category_code)
-        if not picker.full:
-            rest = np.flatnonzero(~in_head)
-            picker.walk(_score_order(final, catalog_pos, rest), category_code)
-    picker.backfill()
-    return np.array(picker.chosen, dtype=np.int64)
+        picked, passed = _walk(
+            _score_order(final, catalog_pos, np.flatnonzero(in_head)),
+            category_code, restricted_pairs, max_per_category, limit,
+            chosen, 0, per_category, blocked, capped, 0,
+        )  # fmt: skip
+        if picked < limit:
+            picked, passed = _walk(
+                _score_order(final, catalog_pos, np.flatnonzero(~in_head)),
+                category_code, restricted_pairs, max_per_category, limit,
+                chosen, picked, per_category, blocked, capped, passed,
+            )  # fmt: skip
+    # Backfill from the capped-out candidates, best first. No restriction check is needed: a
+    # capped candidate's category is already shown, so any partner chosen since would have
+    # clashed with that shown item first.
+    for at in range(passed):
+        if picked >= limit:
+            break
+        chosen[picked] = capped[at]
+        picked += 1
+    return chosen[:picked]
 
 
+@compiled
 def _score_order(final: FloatArray, catalog_pos: IntArray, rows: IntArray) -> IntArray:
-    ordered: IntArray = rows[np.lexsort((catalog_pos[rows], -final[rows]))]
-    return ordered
+    """``rows`` by score descending, then catalog position: ``np.lexsort((catalog_pos[rows],
+    -final[rows]))`` as two stable sorts (numba has no lexsort)."""
+    by_position = rows[np.argsort(catalog_pos[rows], kind="mergesort")]
+    return by_position[np.argsort(-final[by_position], kind="mergesort")]
 
 
-class _Picker:
-    """The greedy walk of ``rank``, in plain Python: it looks at a dozen or so candidates,
-    where per-item numpy calls would cost more than the loop."""
+@compiled_inline
+def _walk(  # noqa: PLR0917 (a compiled loop: no keyword-only arguments)
+    order: IntArray,
+    category_code: IntArray,
+    restricted_pairs: npt.NDArray[np.bool_],
+    max_per_category: int,
+    limit: int,
+    chosen: IntArray,
+    picked: int,
+    per_category: IntArray,
+    blocked: npt.NDArray[np.bool_],
+    capped: IntArray,
+    passed: int,
+) -> tuple[int, int]:
+    """Take candidates in ``order`` within the cap until ``limit`` are chosen; (chosen,
+    passed over for the cap) counts after the walk."""
+    for row in order:
+        if picked >= limit:
+            break
+        code = category_code[row]
+        if blocked[code]:
+            continue
+        if per_category[code] >= max_per_category:
+            capped[passed] = row
+            passed += 1
+            continue
+        chosen[picked] = row
+        picked += 1
+        per_category[code] += 1
+        for other in range(restricted_pairs.shape[1]):
+            blocked[other] = blocked[other] | restricted_pairs[code, other]
+    return picked, passed
 
-    def __init__(
-        self, limit: int, max_per_category: int, restricted_partners: Sequence[frozenset[int]]
-    ) -> None:
-        self.limit = limit
-        self.max_per_category = max_per_category
-        self.partners = restricted_partners
-        self.chosen: list[int] = []
-        self.per_category: dict[int, int] = {}
-        self.blocked: set[int] = set()  # categories restricted with one already chosen
-        self.capped: list[tuple[int, int]] = []  # (row, category) passed over for the cap
 
-    @property
-    def full(self) -> bool:
-        return len(self.chosen) >= self.limit
+def _warm_up_rank() -> None:
+    pairs = np.zeros((2, 2), dtype=np.bool_)
+    # The steps too, on their own: loaded from the cache, ``_pick`` compiles none of them.
+    rows, codes = np.arange(2, dtype=np.int64), np.zeros(2, dtype=np.int64)
+    order = _score_order(np.ones(2), rows, rows)
+    chosen, capped = np.empty(2, dtype=np.int64), np.empty(2, dtype=np.int64)
+    _walk(order, codes, pairs, 1, 2, chosen, 0, np.zeros(2, np.int64), pairs[0].copy(), capped, 0)
+    for count in (3, 9):  # the whole list sorted, and the head first
+        rank(
+            np.linspace(1.0, 0.0, count),
+            np.arange(count, dtype=np.int64),
+            np.zeros(count, dtype=np.int64),
+            limit=2,
+            max_per_category=1,
+            restricted_pairs=pairs,
+        )
 
-    def walk(self, order: IntArray, category_code: IntArray) -> None:
-        """Take candidates in ``order`` within the cap until the list is full."""
-        if self.full:
-            return
-        for row, code in zip(order.tolist(), category_code[order].tolist(), strict=True):
-            if code in self.blocked:
-                continue
-            taken = self.per_category.get(code, 0)
-            if taken >= self.max_per_category:
-                self.capped.append((row, code))
-                continue
-            self._take(row, code, taken)
-            if self.full:
-                return
 
-    def backfill(self) -> None:
-        """Fill a short list from the capped-out candidates, best first. No restriction
-        check is needed: a capped candidate's category is already shown, so any partner
-        chosen since would have clashed with that shown item first."""
-        for row, code in self.capped:
-            if self.full:
-                return
-            self._take(row, code, self.per_category[code])
-
-    def _take(self, row: int, code: int, taken: int) -> None:
-        self.chosen.append(row)
-        self.per_category[code] = taken + 1
-        self.blocked |= self.partners[code]
+register_warm_up(_warm_up_rank)

@@ -752,7 +752,7 @@ class Recommender:
             inputs.category_code,
             limit=query.limit,
             max_per_category=compiled.policy.ranking.max_per_category,
-            restricted_partners=compiled.restricted_partners,
+            restricted_pairs=compiled.restricted_pairs,
         )
         return parts, p_accept, order
 

@@ -411,7 +411,7 @@ def decide(
         inputs.category_code,
         limit=world.limit,
         max_per_category=world.policy.ranking.max_per_category,
-        restricted_partners=compiled.restricted_partners,
+        restricted_pairs=compiled.restricted_pairs,
     )
     final = dict(zip(kept.tolist(), parts.final.tolist(), strict=True))
     return kept[order].tolist(), drop, node_column, cost, final

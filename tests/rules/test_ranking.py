@@ -46,7 +46,7 @@ def order_for(
         rank_inputs.category_code,
         limit=limit,
         max_per_category=cap,
-        restricted_partners=compiled.restricted_partners,
+        restricted_pairs=compiled.restricted_pairs,
     )
     return chosen.tolist()
 
@@ -177,7 +177,7 @@ def test_each_objective_is_scaled_on_its_own() -> None:
         rank_inputs.category_code,
         limit=4,
         max_per_category=4,
-        restricted_partners=compiled.restricted_partners,
+        restricted_pairs=compiled.restricted_pairs,
     )
     assert order.tolist() == [1, 2, 3, 0]
 
@@ -199,7 +199,7 @@ def paired_order(pairs: list[list[str]], *, limit: int, cap: int) -> list[str]:
         PAIRED.category_code[np.arange(5)],
         limit=limit,
         max_per_category=cap,
-        restricted_partners=compiled.restricted_partners,
+        restricted_pairs=compiled.restricted_pairs,
     )
     return [PAIRED.skus[row] for row in chosen]
 
@@ -239,7 +239,7 @@ def test_backfill_relaxes_the_cap_but_never_a_restriction() -> None:
         codes,
         limit=4,
         max_per_category=1,
-        restricted_partners=compiled.restricted_partners,
+        restricted_pairs=compiled.restricted_pairs,
     )
     assert [cat.skus[row] for row in chosen] == ["X1", "Y1", "X2"]
     # Z1 first, then the Xs are all blocked: the capped X2 must not come back in backfill.
@@ -249,7 +249,7 @@ def test_backfill_relaxes_the_cap_but_never_a_restriction() -> None:
         codes,
         limit=4,
         max_per_category=1,
-        restricted_partners=compiled.restricted_partners,
+        restricted_pairs=compiled.restricted_pairs,
     )
     assert [cat.skus[row] for row in chosen] == ["Z1", "Y1"]
 
@@ -267,7 +267,7 @@ def test_deep_candidates_fill_when_the_head_is_blocked() -> None:
         cat.category_code[np.arange(len(names))],
         limit=2,
         max_per_category=1,
-        restricted_partners=compiled.restricted_partners,
+        restricted_pairs=compiled.restricted_pairs,
     )
     assert [cat.skus[row] for row in chosen] == ["P0", "R20"]
 
@@ -297,3 +297,86 @@ def test_the_boost_is_bounded_by_the_policy() -> None:
     """A sell-through boost above 0.5 is refused when the policy is validated."""
     with pytest.raises(ValueError, match="sell_through_boost"):
         policy(ranking={"sell_through_boost": 0.6})
+
+
+# -- the compiled walk against the Python walk it replaced -------------------------------
+
+
+def python_rank(
+    final: np.ndarray,
+    catalog_pos: np.ndarray,
+    category_code: np.ndarray,
+    *,
+    limit: int,
+    max_per_category: int,
+    partners: list[set[int]],
+) -> list[int]:
+    """``rank`` as it was written in Python (sets of partners, lexsort), kept as the oracle."""
+    chosen: list[int] = []
+    per_category: dict[int, int] = {}
+    blocked: set[int] = set()
+    capped: list[tuple[int, int]] = []
+
+    def walk(rows: np.ndarray) -> None:
+        order = rows[np.lexsort((catalog_pos[rows], -final[rows]))]
+        for row, code in zip(order.tolist(), category_code[order].tolist(), strict=True):
+            if len(chosen) >= limit:
+                return
+            if code in blocked:
+                continue
+            taken = per_category.get(code, 0)
+            if taken >= max_per_category:
+                capped.append((row, code))
+                continue
+            chosen.append(row)
+            per_category[code] = taken + 1
+            blocked.update(partners[code])
+
+    count = len(final)
+    if limit <= 0 or not count:
+        return []
+    head_size = 4 * limit
+    if count <= head_size:
+        walk(np.arange(count))
+    else:
+        threshold = np.partition(final, count - head_size)[count - head_size]
+        walk(np.flatnonzero(final >= threshold))
+        if len(chosen) < limit:
+            walk(np.flatnonzero(final < threshold))
+    for row, _ in capped:
+        if len(chosen) >= limit:
+            break
+        chosen.append(row)
+    return chosen
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_compiled_walk_chooses_as_the_python_walk(seed: int) -> None:
+    """Random scores with many ties, categories, restricted pairs, limits and caps."""
+    rng = np.random.default_rng(seed)
+    for _ in range(300):
+        count, codes = int(rng.integers(0, 120)), int(rng.integers(1, 8))
+        final = rng.integers(0, 12, count) / 11.0  # coarse: ties at the cut are common
+        catalog_pos = rng.permutation(count * 2)[:count].astype(np.int64)
+        category_code = rng.integers(0, codes, count).astype(np.int64)
+        pairs = rng.random((codes, codes)) < 0.15
+        pairs |= pairs.T
+        limit, cap = int(rng.integers(0, 12)), int(rng.integers(1, 4))
+        expected = python_rank(
+            final,
+            catalog_pos,
+            category_code,
+            limit=limit,
+            max_per_category=cap,
+            partners=[set(np.flatnonzero(row).tolist()) for row in pairs],
+        )
+        chosen = rank(
+            final,
+            catalog_pos,
+            category_code,
+            limit=limit,
+            max_per_category=cap,
+            restricted_pairs=pairs,
+        )
+        assert chosen.dtype == np.int64
+        assert chosen.tolist() == expected, (count, codes, limit, cap)
