@@ -989,8 +989,8 @@ def _hybrid_pass(  # noqa: PLR0917 (a compiled loop: no keyword-only arguments)
                 filled += 1
         elif source == _SOURCE_SEGMENT:
             filled = _segment_source(
-                anchor_rows, segment_codes, segment_indptr, segment_members, shares,
-                region_order, count, items, scores, filled,
+                segment_codes, segment_indptr, segment_members, shares, region_order, count,
+                items, scores, filled,
             )  # fmt: skip
         elif not has_anchors:
             pass  # the table and upgrade sources propose for anchors only
@@ -1068,7 +1068,6 @@ def _append(
 
 @compiled
 def _segment_source(  # noqa: PLR0917 (a compiled loop: no keyword-only arguments)
-    anchor_rows: npt.NDArray[np.int64],
     codes: npt.NDArray[np.int64],
     indptr: npt.NDArray[np.int64],
     members: npt.NDArray[np.int64],
