@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from bench_load import (
+    BODIES_PER_RUN,
     channel_bodies,
     free_port,
     published_sample,
@@ -136,9 +137,16 @@ def main() -> None:
         token = secrets.token_urlsafe(24)
         with redis_server(root / "redis") as redis_url:
             env, data_dir = published_sample(root, redis_url)
-            bodies = channel_bodies(data_dir / "orders.parquet", "cart", 2_000, seed=11)
-            bodies_file = root / "bodies_cart.jsonl"
-            bodies_file.write_text("\n".join(bodies) + "\n")
+
+            def fresh_bodies(stream: str) -> Path:
+                """Cart bodies of a draw of their own, as bench_load gives each run: a basket
+                repeats (and a guest's list is remembered) only as often as baskets do."""
+                bodies = channel_bodies(
+                    data_dir / "orders.parquet", "cart", BODIES_PER_RUN, seed=f"11-{stream}"
+                )
+                path = root / f"bodies_{stream}.jsonl"
+                path.write_text("\n".join(bodies) + "\n")
+                return path
 
             results: dict[str, dict[str, list[dict[str, Any]]]] = {}
             for name in chosen:
@@ -161,8 +169,15 @@ def main() -> None:
                 with service(variant_env, port=port, workers=1) as base_url:
                     pid = worker_pid(port)
                     urls = {"ping": f"{base_url}/v1/ping", "cart": f"{base_url}/v1/recommendations"}
-                    common = {"pid": pid, "bodies_file": bodies_file, "token": token}
-                    measure(wrk, urls["cart"], duration_s=3, flame=None, **common)  # warm-up
+                    common = {"pid": pid, "token": token}
+                    measure(  # warm-up
+                        wrk,
+                        urls["cart"],
+                        duration_s=3,
+                        flame=None,
+                        bodies_file=fresh_bodies(f"{name}-warm-up"),
+                        **common,
+                    )
                     for round_number in range(args.rounds):
                         for endpoint, url in urls.items():
                             flame = (
@@ -171,7 +186,12 @@ def main() -> None:
                                 else None
                             )
                             figures = measure(
-                                wrk, url, duration_s=args.duration, flame=flame, **common
+                                wrk,
+                                url,
+                                duration_s=args.duration,
+                                flame=flame,
+                                bodies_file=fresh_bodies(f"{name}-{endpoint}-{round_number}"),
+                                **common,
                             )
                             print(f"  {endpoint}: {figures}", flush=True)
                             results.setdefault(name, {}).setdefault(endpoint, []).append(figures)

@@ -6,6 +6,10 @@ changes which are shown or in what order. It has until the request's deadline (i
 plus the channel's server-side budget): text from the explanation cache, LLM text where the
 budget fits a call (contact center), else the template now and the LLM text queued.
 
+A guest's candidate list (no customer row) is a pure function of the basket or product,
+the region and the pool under one serving snapshot, so it is remembered per snapshot
+(``models.memory``) and reused when a guest asks again; the rules judge it afresh.
+
 Constraints run in two stages around one pipelined stock read: rules over the mirrored item
 master first, then stock rules for the survivors (and the basket, to know which nodes already
 ship it). When strict rules leave the list short, deeper candidates are fetched and judged
@@ -340,7 +344,8 @@ class Recommender:
                 candidates, remembered = memory.generate(
                     anchors=anchors, count=pool, context=context
                 )
-                candidates_remembered = candidates_remembered or (first_round and remembered)
+                if first_round:
+                    candidates_remembered = remembered
             else:
                 candidates = generator.generate(
                     anchors=anchors, user_row=user_row, count=pool, context=context
