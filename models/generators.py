@@ -50,7 +50,6 @@ from models.candidates import (
     PopularityGenerator,
     _anchor_rows,
     _candidates,
-    _divide_by_max,
     best_items,
     empty_candidates,
     merge_neighbour_rows,
@@ -70,6 +69,42 @@ from rules.staleness import epoch_us
 
 IntArray = npt.NDArray[np.int32]
 _MICROSECONDS_PER_DAY = 86_400_000_000
+
+
+def _frozen(array: npt.ArrayLike, dtype: npt.DTypeLike) -> npt.NDArray[Any]:
+    """A read-only, C-ordered view (a copy only where the dtype or order differs): the pass
+    is compiled for one set of argument types, served (memory-mapped) or trained alike."""
+    view = np.ascontiguousarray(array, dtype=dtype).view()
+    view.setflags(write=False)
+    return view
+
+
+# A segment request's category codes, group indptr and members, shares, region ranking.
+_SegmentInputs = tuple[
+    npt.NDArray[np.int64],
+    npt.NDArray[np.int64],
+    npt.NDArray[np.int64],
+    npt.NDArray[np.float64],
+    npt.NDArray[np.int32],
+]
+
+# Empty read-only inputs of the compiled sources, for what a generator does not have.
+_NO_ROWS = _frozen(np.zeros(0), np.int64)
+_NO_SHARES = _frozen(np.zeros(0), np.float64)
+_NO_ORDER = _frozen(np.zeros(0), np.int32)
+
+# Category, group indptr and members, price, margin, factors, norms; min similarity, reach.
+_UpgradeArrays = tuple[
+    npt.NDArray[np.int64],
+    npt.NDArray[np.int64],
+    npt.NDArray[np.int64],
+    npt.NDArray[np.float64],
+    npt.NDArray[np.float64],
+    npt.NDArray[np.float32],
+    npt.NDArray[np.float32],
+    float,
+    float,
+]
 
 
 # -- item master facts -------------------------------------------------------------------
@@ -243,15 +278,24 @@ class UpgradeGenerator:
             raise ValueError(f"max_price_ratio must be above 1, got {max_price_ratio}")
         self.kind = Kind.UPGRADE
         self._n_items = len(artifacts.item_skus)
-        self._factors = artifacts.item_factors
-        self._norms = np.linalg.norm(np.asarray(artifacts.item_factors), axis=1)
-        self._price = facts.unit_price
-        self._margin = facts.unit_price - facts.unit_cost
-        priced = np.isfinite(self._price) & np.isfinite(self._margin)
-        self._category = np.where(priced, facts.category_code, -1).astype(np.int64)
-        self._groups = _Groups.of(self._category, n_groups=len(facts.categories))
-        self._min_similarity = min_similarity
-        self._max_price_ratio = max_price_ratio
+        price = facts.unit_price
+        margin = facts.unit_price - facts.unit_cost
+        priced = np.isfinite(price) & np.isfinite(margin)
+        category = np.where(priced, facts.category_code, -1).astype(np.int64)
+        groups = _Groups.of(category, n_groups=len(facts.categories))
+        # What ``_upgrade_source`` reads, read-only: alone or in the hybrid's compiled pass,
+        # one compiled signature.
+        self._arrays: _UpgradeArrays = (
+            _frozen(category, np.int64),
+            _frozen(groups.indptr, np.int64),
+            _frozen(groups.members, np.int64),
+            _frozen(price, np.float64),
+            _frozen(margin, np.float64),
+            _frozen(artifacts.item_factors, np.float32),
+            _frozen(np.linalg.norm(np.asarray(artifacts.item_factors), axis=1), np.float32),
+            float(min_similarity),
+            float(max_price_ratio),
+        )
 
     def generate(
         self,
@@ -262,28 +306,44 @@ class UpgradeGenerator:
         context: GenerationContext | None = None,
     ) -> Candidates:
         anchor_rows = _anchor_rows(anchors, self._n_items)
-        anchor_rows = anchor_rows[self._category[anchor_rows] >= 0]
         if count <= 0 or anchor_rows.size == 0:
             return empty_candidates()
-        anchor, member = _upgrade_pairs(
-            anchor_rows,
-            self._category,
-            self._groups.indptr,
-            self._groups.members,
-            self._price,
-            self._margin,
-            self._max_price_ratio,
-        )
-        if member.size == 0:
-            return empty_candidates()
-        # Cosine over the surviving pairs only: one row-wise dot product per pair.
-        dots = _pair_dots(self._factors, anchor, member)
-        items, scores = _best_upgrades(
-            anchor, member, dots, self._norms, self._min_similarity, count
-        )
+        items, scores = _upgrade_source(anchor_rows, *self._arrays, int(count))
         if items.size == 0:
             return empty_candidates()
         return _candidates(items, scores, self.kind)
+
+
+@compiled
+def _upgrade_source(  # noqa: PLR0917 (a compiled loop: no keyword-only arguments)
+    anchor_rows: npt.NDArray[np.int64],
+    category: npt.NDArray[np.int64],
+    indptr: npt.NDArray[np.int64],
+    members: npt.NDArray[np.int64],
+    price: npt.NDArray[np.float64],
+    margin: npt.NDArray[np.float64],
+    factors: npt.NDArray[np.float32],
+    norms: npt.NDArray[np.float32],
+    min_similarity: float,
+    max_price_ratio: float,
+    count: int,
+) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.float32]]:
+    """The upgrades of the anchors of a category (sorted, unique): their pairs, the pairs'
+    cosine (one row-wise dot product per surviving pair) and the ``count`` best."""
+    upgradable = np.empty(anchor_rows.shape[0], dtype=np.int64)
+    kept = 0
+    for row in anchor_rows:
+        if category[row] >= 0:
+            upgradable[kept] = row
+            kept += 1
+    if kept:
+        anchor, member = _upgrade_pairs(
+            upgradable[:kept], category, indptr, members, price, margin, max_price_ratio
+        )
+        if member.shape[0]:
+            dots = _pair_dots(factors, anchor, member)
+            return _best_upgrades(anchor, member, dots, norms, min_similarity, count)
+    return np.empty(0, dtype=np.int32), np.empty(0, dtype=np.float32)
 
 
 @compiled
@@ -382,26 +442,19 @@ def _best_upgrades(  # noqa: PLR0917 (a compiled loop: no keyword-only arguments
 
 
 def _warm_up_upgrades() -> None:
-    prices = np.array([1.0, 2.0, 2.5])
-    _upgrade_pairs(
+    """``_upgrade_source`` (and the steps it calls) with ``UpgradeGenerator``'s types."""
+    prices = _frozen([1.0, 2.0, 2.5], np.float64)
+    _upgrade_source(
         np.array([0], dtype=np.int64),
-        np.array([0, 0, -1], dtype=np.int64),
-        np.array([0, 2], dtype=np.int64),
-        np.array([0, 1], dtype=np.int64),
+        _frozen([0, 0, -1], np.int64),
+        _frozen([0, 2], np.int64),
+        _frozen([0, 1], np.int64),
         prices,
-        prices / 2,
-        3.0,
-    )
-    pairs = np.array([0, 0], dtype=np.int64)
-    factors = np.ones((3, 2), dtype=np.float32)
-    for served in (factors, read_only(factors)):  # memory-mapped when served, trained in memory
-        _pair_dots(served, pairs, np.array([1, 2], dtype=np.int64))
-    _best_upgrades(
-        pairs,
-        np.array([1, 2], dtype=np.int64),
-        np.array([0.5, 0.25]),
-        np.array([1.0, 1.0, 0.0], dtype=np.float32),
+        _frozen([0.5, 1.0, 1.25], np.float64),
+        _frozen(np.ones((3, 2)), np.float32),
+        _frozen([1.0, 1.0, 0.0], np.float32),
         0.0,
+        3.0,
         1,
     )
 
@@ -516,15 +569,18 @@ class SegmentPopularityGenerator:
     def __init__(self, artifacts: ModelArtifacts, facts: ItemFacts | None = None) -> None:
         self.kind = Kind.POPULAR
         self._n_items = len(artifacts.item_skus)
-        self._popularity = np.asarray(artifacts.popularity, dtype=np.float64)
+        # What ``_segment_source`` reads, read-only (one compiled signature, alone or in the
+        # hybrid's pass); a region's shares as float64 once it is first asked for.
+        self._popularity = _frozen(artifacts.popularity, np.float64)
         regional = artifacts.region_popularity
         self._region_row = (
             {region: row for row, region in enumerate(regional.regions)} if regional else {}
         )
         self._region_share = regional.share if regional is not None else None
+        self._region_shares: dict[int, npt.NDArray[np.float64]] = {}
         # Each region's ranking, sorted once (stable: ties in item index order).
         self._region_order = (
-            np.argsort(-np.asarray(regional.share), axis=1, kind="stable").astype(np.int32)
+            _frozen(np.argsort(-np.asarray(regional.share), axis=1, kind="stable"), np.int32)
             if regional is not None
             else None
         )
@@ -532,12 +588,11 @@ class SegmentPopularityGenerator:
         if facts is not None:
             _check_facts(facts, artifacts)
             self._category_of = {name: code for code, name in enumerate(facts.categories)}
-            self._groups: _Groups | None = _Groups.of(
-                facts.category_code, n_groups=len(facts.categories)
-            )
+            groups = _Groups.of(facts.category_code, n_groups=len(facts.categories))
+            self._groups = (_frozen(groups.indptr, np.int64), _frozen(groups.members, np.int64))
         else:
             self._category_of = {}
-            self._groups = None
+            self._groups = (_NO_ROWS, _NO_ROWS)  # no categories: regional ranking only
 
     def generate(
         self,
@@ -550,26 +605,36 @@ class SegmentPopularityGenerator:
         anchor_rows = _anchor_rows(anchors, self._n_items)
         if count <= 0:
             return empty_candidates()
+        items = np.empty(count, dtype=np.int32)
+        scores = np.empty(count, dtype=np.float32)
+        codes, indptr, members, shares, region_order = self._request_inputs(anchor_rows, context)
+        filled = _segment_source(
+            codes, indptr, members, shares, region_order, int(count), items, scores, 0
+        )
+        if not filled:
+            return empty_candidates()
+        return _candidates(items[:filled], scores[:filled], self.kind)
+
+    def _request_inputs(
+        self, anchor_rows: npt.NDArray[np.int64], context: GenerationContext | None
+    ) -> _SegmentInputs:
+        """``_segment_source``'s inputs for a request: the segment's category codes, the
+        category groups, the shares it ranks by (the region's, else overall) and the region's
+        ranking (empty: no region)."""
         region = context.region if context is not None else None
         region_row = self._region_row.get(region) if region is not None else None
-        shares = (
-            np.asarray(self._region_share[region_row], dtype=np.float64)
-            if region_row is not None and self._region_share is not None
-            else self._popularity
-        )
-        categories = self._segment_categories(anchor_rows, context)
-        if categories.size and self._groups is not None:
-            items, scores = _segment_best(
-                categories, self._groups.indptr, self._groups.members, shares, count
-            )
-            if items.size == 0:
-                return empty_candidates()
-            return _candidates(items, scores, self.kind)
+        shares, region_order = self._popularity, _NO_ORDER
+        if region_row is not None and self._region_share is not None:
+            converted = self._region_shares.get(region_row)
+            if converted is None:
+                converted = self._region_shares[region_row] = _frozen(
+                    self._region_share[region_row], np.float64
+                )
+            shares = converted
         if region_row is not None and self._region_order is not None:
-            ranked = self._region_order[region_row, :count]
-            ranked = ranked[shares[ranked] > 0]
-            return _candidates(ranked, _divide_by_max(shares[ranked]), self.kind)
-        return empty_candidates()
+            region_order = self._region_order[region_row]
+        codes = self._segment_categories(anchor_rows, context)
+        return codes, *self._groups, shares, region_order
 
     def _segment_categories(
         self, anchor_rows: npt.NDArray[np.int64], context: GenerationContext | None
@@ -624,14 +689,61 @@ def _segment_best(
     return items, scores
 
 
+@compiled_inline
+def _append(
+    source_items: npt.NDArray[np.int32],
+    source_scores: npt.NDArray[np.float32],
+    items: npt.NDArray[np.int32],
+    scores: npt.NDArray[np.float32],
+    filled: int,
+) -> int:
+    for at in range(source_items.shape[0]):
+        items[filled] = source_items[at]
+        scores[filled] = source_scores[at]
+        filled += 1
+    return filled
+
+
+@compiled
+def _segment_source(  # noqa: PLR0917 (a compiled loop: no keyword-only arguments)
+    codes: npt.NDArray[np.int64],
+    indptr: npt.NDArray[np.int64],
+    members: npt.NDArray[np.int64],
+    shares: npt.NDArray[np.float64],
+    region_order: npt.NDArray[np.int32],
+    count: int,
+    items: npt.NDArray[np.int32],
+    scores: npt.NDArray[np.float32],
+    filled: int,
+) -> int:
+    """``SegmentPopularityGenerator.generate``'s list appended to ``items`` and ``scores``:
+    the segment's best sellers, else the region's (``region_order``, empty: no region)."""
+    if codes.shape[0] and indptr.shape[0]:
+        best, best_scores = _segment_best(codes, indptr, members, shares, count)
+        return _append(best, best_scores, items, scores, filled)
+    if not region_order.shape[0]:
+        return filled
+    start, top = filled, 0.0
+    for at in range(min(count, region_order.shape[0])):
+        item = region_order[at]
+        if shares[item] > 0:
+            items[filled] = item
+            top = max(top, shares[item])
+            filled += 1
+    for at in range(start, filled):
+        # _divide_by_max: the share over the best one, clipped to [0, 1], as float32
+        scores[at] = min(max(shares[items[at]] / top, 0.0), 1.0) if top > 0 else 0.0
+    return filled
+
+
 def _warm_up_segments() -> None:
-    _segment_best(
-        np.array([0], dtype=np.int64),
-        np.array([0, 2], dtype=np.int64),
-        np.array([0, 1], dtype=np.int64),
-        np.array([0.5, 0.25]),
-        1,
-    )
+    """``_segment_source`` with ``SegmentPopularityGenerator``'s types, by category and by
+    region."""
+    indptr, members = _frozen([0, 2], np.int64), _frozen([0, 1], np.int64)
+    shares, region_order = _frozen([0.5, 0.25], np.float64), _frozen([0, 1], np.int32)
+    for codes in (np.array([0], dtype=np.int64), np.empty(0, dtype=np.int64)):
+        items, scores = np.empty(1, dtype=np.int32), np.empty(1, dtype=np.float32)
+        _segment_source(codes, indptr, members, shares, region_order, 1, items, scores, 0)
 
 
 register_warm_up(_warm_up_segments)
@@ -739,28 +851,6 @@ _ANCHORED = (
 )
 
 
-def _frozen(array: npt.ArrayLike, dtype: npt.DTypeLike) -> npt.NDArray[Any]:
-    """A read-only, C-ordered view (a copy only where the dtype or order differs): the pass
-    is compiled for one set of argument types, served (memory-mapped) or trained alike."""
-    view = np.ascontiguousarray(array, dtype=dtype).view()
-    view.setflags(write=False)
-    return view
-
-
-# Category, group indptr and members, price, margin, factors, norms; min similarity, reach.
-_UpgradeArrays = tuple[
-    npt.NDArray[np.int64],
-    npt.NDArray[np.int64],
-    npt.NDArray[np.int64],
-    npt.NDArray[np.float64],
-    npt.NDArray[np.float64],
-    npt.NDArray[np.float32],
-    npt.NDArray[np.float32],
-    float,
-    float,
-]
-
-
 _Table = tuple[npt.NDArray[np.int32], npt.NDArray[np.float32]]  # items, scores
 
 
@@ -810,40 +900,9 @@ class CompiledHybridGenerator(HybridGenerator):
         bundle_table = _table_arrays(by_type.get(BundleGenerator))
         self._tables: tuple[_Table, _Table, _Table] = (cross_sell_table, factor_table, bundle_table)
         upgrade = by_type.get(UpgradeGenerator)
-        if isinstance(upgrade, UpgradeGenerator):
-            self._upgrade: _UpgradeArrays = (
-                _frozen(upgrade._category, np.int64),
-                _frozen(upgrade._groups.indptr, np.int64),
-                _frozen(upgrade._groups.members, np.int64),
-                _frozen(upgrade._price, np.float64),
-                _frozen(upgrade._margin, np.float64),
-                _frozen(upgrade._factors, np.float32),
-                _frozen(upgrade._norms, np.float32),
-                float(upgrade._min_similarity),
-                float(upgrade._max_price_ratio),
-            )
-        else:
-            no_codes, no_floats = _frozen(np.zeros(0), np.int64), _frozen(np.zeros(0), np.float64)
-            self._upgrade = (
-                *(no_codes, no_codes, no_codes, no_floats, no_floats),
-                _frozen(np.zeros((0, 0)), np.float32),
-                _frozen(np.zeros(0), np.float32),
-                0.0,
-                2.0,
-            )
+        self._upgrade = upgrade._arrays if isinstance(upgrade, UpgradeGenerator) else _NO_UPGRADES
         segment = by_type.get(SegmentPopularityGenerator)
         self._segment = segment if isinstance(segment, SegmentPopularityGenerator) else None
-        groups = self._segment._groups if self._segment is not None else None
-        self._segment_groups = (
-            (_frozen(groups.indptr, np.int64), _frozen(groups.members, np.int64))
-            if groups is not None
-            else (_NO_CODES_FROZEN, _NO_CODES_FROZEN)
-        )
-        if self._segment is not None:
-            self._overall_shares = _frozen(self._segment._popularity, np.float64)
-            order = self._segment._region_order
-            self._region_order = _frozen(order, np.int32) if order is not None else None
-        self._region_shares: dict[int, npt.NDArray[np.float64]] = {}  # converted once each
         popular = by_type.get(PopularityGenerator)
         self._popular = (
             (_frozen(popular._order, np.int32), _frozen(popular._ranked_scores, np.float32))
@@ -868,7 +927,11 @@ class CompiledHybridGenerator(HybridGenerator):
             else empty_candidates()
             for generator in self._given
         ]
-        segment_codes, shares, region_order = self._segment_request(anchor_rows, context)
+        segment: _SegmentInputs = (
+            self._segment._request_inputs(anchor_rows, context)
+            if self._segment is not None
+            else (np.empty(0, dtype=np.int64), _NO_ROWS, _NO_ROWS, _NO_SHARES, _NO_ORDER)
+        )
         # One tuple: mypy cannot follow several unpacked tuples onto 31 parameters.
         arguments: tuple[Any, ...] = (
             self._plan,
@@ -880,10 +943,7 @@ class CompiledHybridGenerator(HybridGenerator):
             *self._tables[1],
             *self._tables[2],
             *self._upgrade,
-            segment_codes,
-            *self._segment_groups,
-            shares,
-            region_order,
+            *segment,
             *self._popular,
             _concatenated([part.item_idx for part in given], np.int32),
             _concatenated([part.score for part in given], np.float32),
@@ -893,32 +953,15 @@ class CompiledHybridGenerator(HybridGenerator):
         items, scores, kinds = _hybrid_pass(*arguments)
         return Candidates(item_idx=items, score=scores, kind=kinds)
 
-    def _segment_request(
-        self, anchor_rows: npt.NDArray[np.int64], context: GenerationContext | None
-    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64], npt.NDArray[np.int32]]:
-        """What ``SegmentPopularityGenerator.generate`` reads for this request: the segment's
-        category codes, the shares it ranks by, and the region's order (empty: none)."""
-        segment = self._segment
-        if segment is None:
-            return np.empty(0, dtype=np.int64), _NO_SHARES, _NO_ORDER
-        region = context.region if context is not None else None
-        region_row = segment._region_row.get(region) if region is not None else None
-        shares, region_order = self._overall_shares, _NO_ORDER
-        if region_row is not None and segment._region_share is not None:
-            converted = self._region_shares.get(region_row)
-            if converted is None:
-                converted = self._region_shares[region_row] = _frozen(
-                    segment._region_share[region_row], np.float64
-                )
-            shares = converted
-        if region_row is not None and self._region_order is not None:
-            region_order = self._region_order[region_row]
-        return segment._segment_categories(anchor_rows, context), shares, region_order
 
-
-_NO_CODES_FROZEN = _frozen(np.zeros(0), np.int64)
-_NO_SHARES = _frozen(np.zeros(0), np.float64)
-_NO_ORDER = _frozen(np.zeros(0), np.int32)
+_NO_UPGRADES: _UpgradeArrays = (
+    *(_NO_ROWS, _NO_ROWS, _NO_ROWS),
+    *(_frozen(np.zeros(0), np.float64), _frozen(np.zeros(0), np.float64)),
+    _frozen(np.zeros((0, 0)), np.float32),
+    _frozen(np.zeros(0), np.float32),
+    0.0,
+    2.0,
+)
 
 
 def _concatenated(parts: list[npt.NDArray[Any]], dtype: npt.DTypeLike) -> npt.NDArray[Any]:
@@ -995,23 +1038,11 @@ def _hybrid_pass(  # noqa: PLR0917 (a compiled loop: no keyword-only arguments)
         elif not has_anchors:
             pass  # the table and upgrade sources propose for anchors only
         elif source == _SOURCE_UPGRADE:
-            upgradable = np.empty(anchor_rows.shape[0], dtype=np.int64)
-            kept = 0
-            for row in anchor_rows:
-                if upgrade_category[row] >= 0:
-                    upgradable[kept] = row
-                    kept += 1
-            if kept:
-                pair_anchor, pair_member = _upgrade_pairs(
-                    upgradable[:kept], upgrade_category, upgrade_indptr, upgrade_members,
-                    upgrade_price, upgrade_margin, max_price_ratio,
-                )  # fmt: skip
-                if pair_member.shape[0]:
-                    dots = _pair_dots(factors, pair_anchor, pair_member)
-                    best, best_scores = _best_upgrades(
-                        pair_anchor, pair_member, dots, norms, min_similarity, count
-                    )
-                    filled = _append(best, best_scores, items, scores, filled)
+            best, best_scores = _upgrade_source(
+                anchor_rows, upgrade_category, upgrade_indptr, upgrade_members, upgrade_price,
+                upgrade_margin, factors, norms, min_similarity, max_price_ratio, count,
+            )  # fmt: skip
+            filled = _append(best, best_scores, items, scores, filled)
         else:
             if source == _SOURCE_CROSS_SELL:
                 table_items, table_scores = cross_sell_items, cross_sell_scores
@@ -1049,53 +1080,6 @@ def _hybrid_pass(  # noqa: PLR0917 (a compiled loop: no keyword-only arguments)
         weight_sum,
         count,
     )
-
-
-@compiled_inline
-def _append(
-    source_items: npt.NDArray[np.int32],
-    source_scores: npt.NDArray[np.float32],
-    items: npt.NDArray[np.int32],
-    scores: npt.NDArray[np.float32],
-    filled: int,
-) -> int:
-    for at in range(source_items.shape[0]):
-        items[filled] = source_items[at]
-        scores[filled] = source_scores[at]
-        filled += 1
-    return filled
-
-
-@compiled
-def _segment_source(  # noqa: PLR0917 (a compiled loop: no keyword-only arguments)
-    codes: npt.NDArray[np.int64],
-    indptr: npt.NDArray[np.int64],
-    members: npt.NDArray[np.int64],
-    shares: npt.NDArray[np.float64],
-    region_order: npt.NDArray[np.int32],
-    count: int,
-    items: npt.NDArray[np.int32],
-    scores: npt.NDArray[np.float32],
-    filled: int,
-) -> int:
-    """``SegmentPopularityGenerator.generate``'s list appended to ``items`` and ``scores``:
-    the segment's best sellers, else the region's (``region_order``, empty: no region)."""
-    if codes.shape[0] and indptr.shape[0]:
-        best, best_scores = _segment_best(codes, indptr, members, shares, count)
-        return _append(best, best_scores, items, scores, filled)
-    if not region_order.shape[0]:
-        return filled
-    start, top = filled, 0.0
-    for at in range(min(count, region_order.shape[0])):
-        item = region_order[at]
-        if shares[item] > 0:
-            items[filled] = item
-            top = max(top, shares[item])
-            filled += 1
-    for at in range(start, filled):
-        # _divide_by_max: the share over the best one, clipped to [0, 1], as float32
-        scores[at] = min(max(shares[items[at]] / top, 0.0), 1.0) if top > 0 else 0.0
-    return filled
 
 
 def _warm_up_hybrid_pass() -> None:
