@@ -37,6 +37,7 @@ from models.interfaces import (
     ModelArtifacts,
 )
 from rules.compiled import compiled, compiled_inline, read_only, register_warm_up
+from rules.sorting import ascending_order, descending_order
 
 IntArray = npt.NDArray[np.int32]
 FloatArray = npt.NDArray[np.float32]
@@ -444,7 +445,7 @@ def _run_sum(
 def _stable_top(totals: npt.NDArray[np.float64], count: int) -> npt.NDArray[np.intp]:
     """Positions of the ``count`` largest totals, best first, ties by position (what
     ``_best_positions`` chooses, by one stable sort)."""
-    order = np.argsort(-totals, kind="mergesort")
+    order = descending_order(totals)
     return order[: min(count, order.shape[0])]
 
 
@@ -484,7 +485,7 @@ def _group_by_item(item_idx: npt.NDArray[np.int32]) -> npt.NDArray[np.intp]:
             runs += 1
         run_of[at] = run
         run_length[run] += 1
-    by_item = np.argsort(run_item[:runs])  # distinct values: any sort is stable
+    by_item = ascending_order(run_item[:runs])
     place = np.empty(runs, dtype=np.int64)
     filled = 0
     for rank in range(runs):
@@ -571,7 +572,7 @@ def best_positions(scores: npt.NDArray[np.floating], count: int) -> npt.NDArray[
     """``_best_positions`` compiled: the ``count`` highest, best first, ties by position."""
     size = scores.shape[0]
     if size <= 4 * count:
-        return np.argsort(-scores, kind="mergesort")[: min(count, size)]
+        return descending_order(scores)[: min(count, size)]
     kth = size - count
     threshold = np.partition(scores, kth)[kth]
     chosen = np.empty(count, dtype=np.intp)
@@ -588,10 +589,7 @@ def best_positions(scores: npt.NDArray[np.floating], count: int) -> npt.NDArray[
             chosen[filled] = at
             filled += 1
     chosen = np.sort(chosen[:filled])
-    keys = np.empty(filled, dtype=scores.dtype)
-    for at in range(filled):
-        keys[at] = -scores[chosen[at]]
-    return chosen[np.argsort(keys, kind="mergesort")]
+    return chosen[descending_order(scores[chosen])]
 
 
 @compiled
@@ -646,7 +644,7 @@ def merge_neighbour_rows(  # noqa: PLR0917 (a compiled loop: no keyword-only arg
             keys[filled] = item
             values[filled] = value
             filled += 1
-    order = np.argsort(keys[:filled], kind="mergesort")
+    order = ascending_order(keys[:filled])
     items = np.empty(filled, dtype=np.int32)
     totals = np.empty(filled, dtype=np.float64)
     runs = 0

@@ -65,6 +65,7 @@ from models.interfaces import (
 )
 from rules.catalog import Catalog
 from rules.compiled import compiled, compiled_inline, read_only, register_warm_up
+from rules.sorting import ascending_order, descending_order
 from rules.staleness import epoch_us
 
 IntArray = npt.NDArray[np.int32]
@@ -425,7 +426,7 @@ def _best_upgrades(  # noqa: PLR0917 (a compiled loop: no keyword-only arguments
             similar_items[kept] = member[at]
             similarity[kept] = value
             kept += 1
-    order = np.argsort(similar_items[:kept], kind="mergesort")
+    order = ascending_order(similar_items[:kept])
     items = np.empty(kept, dtype=np.int64)
     best_similarity = np.empty(kept, dtype=np.float64)
     runs = 0
@@ -670,7 +671,7 @@ def _segment_best(
         for at in range(indptr[code], indptr[code + 1]):
             gathered[filled] = members[at]
             filled += 1
-    gathered.sort()  # ascending, so that ties go to the lower index
+    gathered = gathered[ascending_order(gathered)]  # so that ties go to the lower index
     kept_items = np.empty(total, dtype=np.int64)
     kept_shares = np.empty(total, dtype=np.float64)
     kept = 0
@@ -679,7 +680,7 @@ def _segment_best(
             kept_items[kept] = item
             kept_shares[kept] = shares[item]
             kept += 1
-    best = np.argsort(-kept_shares[:kept], kind="mergesort")[: min(count, kept)]
+    best = descending_order(kept_shares[:kept])[: min(count, kept)]
     items = np.empty(best.shape[0], dtype=np.int32)
     scores = np.empty(best.shape[0], dtype=np.float32)
     top = kept_shares[best[0]] if best.shape[0] else 0.0
