@@ -61,8 +61,8 @@ def ascending_order(keys: npt.NDArray[np.integer]) -> npt.NDArray[np.intp]:
 @compiled
 def _key_order(keys: npt.NDArray[np.uint64]) -> npt.NDArray[np.intp]:
     """Positions of ``keys`` ascending, equal keys by position: an insertion sort for a few
-    keys, else one counting pass for every byte, then a stable placement per byte that
-    some keys differ in, least significant first."""
+    keys, else a stable counting placement by each byte that some keys differ in, least
+    significant first."""
     size = keys.shape[0]
     order = np.arange(size, dtype=np.intp)
     if size < _INSERTION_BELOW:
@@ -74,24 +74,20 @@ def _key_order(keys: npt.NDArray[np.uint64]) -> npt.NDArray[np.intp]:
                 back -= 1
             order[back + 1] = entry
         return order
-    counts = np.zeros((_BYTES, 257), dtype=np.int64)
-    for at in range(size):
-        key = keys[at]
-        for byte in range(_BYTES):
-            counts[byte, ((key >> np.uint64(8 * byte)) & np.uint64(255)) + 1] += 1
+    differing = np.uint64(0)  # the bits in which some key differs from the first
+    for at in range(1, size):
+        differing |= keys[at] ^ keys[0]
+    starts = np.empty(257, dtype=np.int64)
     placed = np.empty(size, dtype=np.intp)
     for byte in range(_BYTES):
-        starts = counts[byte]
-        shared = False
-        for digit in range(1, 257):
-            if starts[digit] == size:
-                shared = True
-                break
-        if shared:
-            continue
+        shift = np.uint64(8 * byte)
+        if not (differing >> shift) & np.uint64(255):
+            continue  # every key has the same byte here: the order stands
+        starts[:] = 0
+        for at in range(size):
+            starts[((keys[at] >> shift) & np.uint64(255)) + 1] += 1
         for digit in range(256):
             starts[digit + 1] += starts[digit]
-        shift = np.uint64(8 * byte)
         for at in range(size):
             entry = order[at]
             digit = (keys[entry] >> shift) & np.uint64(255)
