@@ -862,6 +862,8 @@ class Recommender:
             basket_lines=len(query.basket),
             personalized=personalized,
             candidates=result.candidates_considered,
+            # A guest's list reused from the memory: the same list the model would propose.
+            candidates_remembered=result.candidates_remembered,
             dropped=result.dropped_by_rule,
             dropped_skus=dropped_skus,
             shown=[

@@ -252,6 +252,32 @@ def test_every_request_logs_its_decision_without_the_customer(
     assert customer not in logged
 
 
+def test_the_decision_record_says_when_a_guests_list_was_remembered(
+    demo_data: DemoData,
+    base_snapshot: SnapshotData,
+    tmp_path: Path,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """A guest asking twice: the first decision generated its list, the second reused it;
+    a known customer's list is never remembered."""
+    settings = settings_for(demo_data, tmp_path, log_level="info")
+    publish(settings, base_snapshot)
+    orders = pl.read_parquet(demo_data.contract_dir / "orders.parquet")
+    known = orders.get_column("customer_id").drop_nulls()[0]
+    guest = {"channel": "cart", "basket": [{"sku": "85123A"}], "limit": 5}
+    customer = {**guest, "customer_id": known, "consent": True}
+    with TestClient(create_app(settings)) as client:
+        capfd.readouterr()
+        for body in (guest, guest, customer, customer):
+            assert client.post("/v1/recommendations", json=body).status_code == 200
+    records = [
+        orjson.loads(line) for line in capfd.readouterr().err.splitlines() if line[:1] == "{"
+    ]
+    decisions = [record for record in records if record.get("event") == "decision"]
+    assert [d["candidates_remembered"] for d in decisions] == [False, True, False, False]
+    assert [d["personalized"] for d in decisions] == [False, False, True, True]
+
+
 def test_remembered_guest_lists_change_no_answer(
     demo_data: DemoData, base_snapshot: SnapshotData, tmp_path: Path
 ) -> None:
