@@ -16,7 +16,7 @@ import numpy.typing as npt
 from models.candidates import best_positions
 from models.interfaces import ModelArtifacts
 from rules.compiled import compiled, register_warm_up
-from rules.sorting import ascending_order, descending_order
+from rules.sorting import score_order
 
 IntArray = npt.NDArray[np.int64]
 
@@ -123,8 +123,7 @@ def _best_of_each(
     """Entries best score first (ties: the lower row), each row once with its best entry,
     scores clipped to [0, 1]: what ``np.lexsort((rows, -scores))`` and the first of each
     row by ``np.unique`` give."""
-    by_row = ascending_order(rows)
-    order = by_row[descending_order(scores[by_row])]
+    order = score_order(scores, rows)
     distinct = np.unique(rows)
     seen = np.zeros(distinct.shape[0], dtype=np.bool_)
     item_idx = np.empty(distinct.shape[0], dtype=np.int32)

@@ -92,11 +92,8 @@ def loop_cache_dir(base: Path, fingerprint: str, *, now: float | None = None) ->
 
 def _default_cache_base() -> Path:
     """``NUMBA_CACHE_DIR`` when set (the image sets it), else the user's cache directory."""
-    configured = Path(_numba_config.CACHE_DIR) if _numba_config.CACHE_DIR else None
-    if configured is not None and configured.name.startswith(_CACHE_PREFIX):
-        return configured.parent  # this module run again (a reload): the same base
-    if configured is not None:
-        return configured
+    if _numba_config.CACHE_DIR:
+        return Path(_numba_config.CACHE_DIR)
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "upsell" / "numba"
 
 

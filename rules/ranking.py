@@ -22,7 +22,7 @@ import numpy.typing as npt
 from rules.compiled import compiled, compiled_inline, register_warm_up
 from rules.constraints import OBJECTIVES, CompiledPolicy
 from rules.policy import Channel
-from rules.sorting import ascending_order, descending_order
+from rules.sorting import score_order
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
@@ -256,10 +256,8 @@ def _pick(  # noqa: PLR0917 (a compiled loop: no keyword-only arguments)
 
 @compiled
 def _score_order(final: FloatArray, catalog_pos: IntArray, rows: IntArray) -> IntArray:
-    """``rows`` by score descending, then catalog position: ``np.lexsort((catalog_pos[rows],
-    -final[rows]))`` as two stable sorts (numba has no lexsort)."""
-    by_position = rows[ascending_order(catalog_pos[rows])]
-    return by_position[descending_order(final[by_position])]
+    """``rows`` by score descending, then catalog position."""
+    return rows[score_order(final[rows], catalog_pos[rows])]
 
 
 @compiled_inline

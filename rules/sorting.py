@@ -19,7 +19,7 @@ import numpy.typing as npt
 
 from rules.compiled import compiled, register_warm_up
 
-__all__ = ["ascending_order", "descending_order"]
+__all__ = ["ascending_order", "descending_order", "score_order"]
 
 _SIGN = np.uint64(1 << 63)
 _LAST = np.uint64(0xFFFF_FFFF_FFFF_FFFF)
@@ -56,6 +56,16 @@ def ascending_order(keys: npt.NDArray[np.integer]) -> npt.NDArray[np.intp]:
     for at in range(size):
         unsigned[at] = np.uint64(np.int64(keys[at])) ^ _SIGN  # two's complement, in order
     return _key_order(unsigned)
+
+
+@compiled
+def score_order(
+    scores: npt.NDArray[np.floating], keys: npt.NDArray[np.integer]
+) -> npt.NDArray[np.intp]:
+    """``np.lexsort((keys, -scores))``: positions, highest score first, equal scores by
+    ascending key, then by position (two stable sorts: numba has no lexsort)."""
+    by_key = ascending_order(keys)
+    return by_key[descending_order(scores[by_key])]
 
 
 @compiled
@@ -103,6 +113,7 @@ def _warm_up() -> None:
         descending_order(np.linspace(1.0, 0.0, size).astype(np.float32))
         ascending_order(np.arange(size, dtype=np.int64))
         ascending_order(np.arange(size, dtype=np.int32))
+        score_order(np.linspace(1.0, 0.0, size), np.arange(size, dtype=np.int64))
 
 
 register_warm_up(_warm_up)

@@ -7,7 +7,7 @@ import numpy.typing as npt
 import pytest
 
 from rules.compiled import read_only
-from rules.sorting import ascending_order, descending_order
+from rules.sorting import ascending_order, descending_order, score_order
 
 # Around the insertion-sort cut-over (16), a request's sizes, and past them.
 SIZES = (0, 1, 2, 15, 16, 17, 250, 500, 3000)
@@ -68,3 +68,13 @@ def test_orders_take_read_only_and_strided_arrays() -> None:
     assert descending_order(values).tolist() == np.argsort(-values, kind="stable").tolist()
     strided = np.arange(80, 0, -1)[::2]
     assert ascending_order(strided).tolist() == np.argsort(strided, kind="stable").tolist()
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_score_order_is_numpys_lexsort_by_score_then_key(size: int) -> None:
+    rng = np.random.default_rng(2000 + size)
+    for _ in range(20):
+        scores = np.round(rng.random(size), 1)  # ties, broken by the key, then by position
+        keys = rng.integers(0, 8, size)
+        expected = np.lexsort((keys, -scores)).tolist()
+        assert score_order(scores, keys).tolist() == expected
